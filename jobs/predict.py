@@ -1,0 +1,9 @@
+"""Ray job: `ribfrac-ray predict`. Arguments are passed through; see `ribfrac-ray predict --help`.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env jobs/runtime_env.yaml -- python jobs/predict.py --workdir /abs/path
+"""
+
+from _entry import run
+
+run("predict")

@@ -1,0 +1,9 @@
+"""Ray job: `ribfrac-ray tune`. Arguments are passed through; see `ribfrac-ray tune --help`.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env jobs/runtime_env.yaml -- python jobs/tune.py --workdir /abs/path
+"""
+
+from _entry import run
+
+run("tune")

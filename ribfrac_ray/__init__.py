@@ -1,0 +1,1 @@
+"""Two-stage rib fracture detection and segmentation on Ray."""

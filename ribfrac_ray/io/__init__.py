@@ -1,0 +1,1 @@
+"""File input and output: NIfTI volumes, RibFrac case discovery, atomic writes."""

@@ -1,0 +1,1 @@
+"""Two-stage prediction: detector and segmenter actor pools in one Ray Data pipeline."""

@@ -1,0 +1,1 @@
+"""Training both networks with Ray Train: per-worker loops and the driver side."""

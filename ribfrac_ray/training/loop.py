@@ -1,0 +1,170 @@
+"""The per-worker training loop shared by both networks.
+
+A :class:`NetworkSpec` defines how to build one network, take one training step
+and validate it. :func:`run_training` does the rest the same way for both
+networks: threads, seeding, DDP, resuming from the last checkpoint, and one report
+with a checkpoint per epoch. Only rank 0 validates and writes checkpoint files; every rank reports once
+per epoch, because ``ray.train.report`` is a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+
+from ribfrac_ray.models.checkpoint import read_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NetworkSpec:
+    """How to train one kind of network inside :func:`run_training`.
+
+    ``build`` returns the trainable module and the module whose state is saved.
+    They are the same object for the U-Net, and the RetinaNet detector and its
+    network for the detector. ``wrap_ddp`` returns the model to train, wrapped for DDP when the
+    world size is above 1, and an unwrapped view for validation on rank 0 alone
+    (a DDP forward is a collective call and would wait for the other ranks).
+    ``make_loss`` builds the loss function that ``train_step`` receives (None
+    where the model computes its own loss); ``train_step`` returns the loss and a mapping of scalar parts to log.
+    ``validate`` returns the validation metrics, including ``score_metric``.
+    """
+
+    kind: str
+    score_metric: str
+    build: Callable[[dict[str, Any]], tuple[Any, torch.nn.Module]]
+    wrap_ddp: Callable[[Any], tuple[Any, Any]]
+    make_loss: Callable[[dict[str, Any]], Any]
+    train_step: Callable[[Any, dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[str, float]]]
+    validate: Callable[[Any, Any, dict[str, Any]], dict[str, float]]
+    meta: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def run_training(config: dict[str, Any], spec: NetworkSpec) -> None:
+    """Train ``spec``'s network for ``config['epochs']`` epochs on this worker's shard."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    _set_threads(config, context.get_local_world_size())
+    torch.manual_seed(int(config["seed"]) + rank)
+
+    model, saved_module = spec.build(config)
+    optimizer = torch.optim.AdamW(
+        [p for p in saved_module.parameters() if p.requires_grad],
+        lr=float(config["lr"]),
+        weight_decay=float(config["weight_decay"]),
+    )
+    start_epoch, history = _restore(saved_module, optimizer)
+    model, eval_model = spec.wrap_ddp(model)
+    worker_nodes = _worker_node_ids()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if rank == 0 else None
+
+    for epoch in range(start_epoch, int(config["epochs"])):
+        started = time.perf_counter()
+        train_metrics = _train_epoch(model, spec, train_shard, optimizer, config)
+        # start_epoch is above 0 when this attempt resumed from a checkpoint.
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, **train_metrics}
+        if rank == 0:
+            metrics.update(spec.validate(eval_model, val_shard, config))
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        history.append(metrics)
+        _report(metrics, history, saved_module, optimizer, spec, config, rank, worker_nodes)
+
+
+def _worker_node_ids() -> list[str]:
+    """Return the Ray node id of every rank, in rank order (a collective call)."""
+    import torch.distributed as dist
+
+    own = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return [str(node) for node in gathered]
+
+
+def _set_threads(config: dict[str, Any], local_world_size: int) -> None:
+    threads = int(config.get("torch_threads", 0))
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(threads)
+
+
+def _restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+    """Load the latest checkpoint of this run, if any; return the next epoch and the history."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state, meta, optimizer_state = read_checkpoint(folder)
+    module.load_state_dict(state)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    next_epoch = int(meta["epoch"]) + 1
+    logger.info("resuming %s training at epoch %d from %s", meta.get("kind"), next_epoch, checkpoint.path)
+    return next_epoch, list(meta.get("history", []))
+
+
+def _train_epoch(model: Any, spec: NetworkSpec, shard: Any, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> dict[str, float]:
+    model.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    batches = shard.iter_torch_batches(
+        batch_size=int(config["batch_size"]),
+        local_shuffle_buffer_size=int(config["shuffle_buffer"]) or None,
+        drop_last=False,
+    )
+    loss_function = spec.make_loss(config)
+    for batch in batches:
+        loss, parts = spec.train_step(model, batch, loss_function)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{spec.kind} loss became {value} at step {steps}; lower train_{spec.kind}.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        for key, part in {"loss": value, **parts}.items():
+            totals[key] = totals.get(key, 0.0) + part
+    return {f"train_{key}": value / max(steps, 1) for key, value in totals.items()} | {"train_steps": steps}
+
+
+def _report(
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    spec: NetworkSpec,
+    config: dict[str, Any],
+    rank: int,
+    worker_nodes: list[str],
+) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        meta = spec.meta(config) | {
+            "kind": spec.kind,
+            "epoch": metrics["epoch"],
+            "metrics": metrics,
+            "history": history,
+            "worker_nodes": worker_nodes,
+        }
+        save_checkpoint(folder, module.state_dict(), meta, optimizer.state_dict())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
