@@ -1,8 +1,8 @@
 """Run one benchmark function in a fresh Python process and return its result.
 
 A fresh process per measurement keeps the peak RSS of one tool apart from the
-others and from the driver. ``run_in_child("benchmarks.evaluation:time_ours",
-{...})`` starts ``python -m benchmarks.child``, which imports the module, calls
+others and from the driver. ``run_in_child("benchmarks.evaluation:evaluate_with_ribfrac_ray",
+{...}, log_path)`` starts ``python -m benchmarks.child``, which imports the module, calls
 the function with the keyword arguments, adds the process's own peak RSS
 (``peak_rss_mb``, from ``getrusage``) and writes the result as JSON.
 """

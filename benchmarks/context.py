@@ -10,7 +10,7 @@ from benchmarks.data import DataSize
 
 @dataclass(frozen=True)
 class Context:
-    """Where the data and outputs are, how large the data is, and how often to repeat a measurement."""
+    """Data and output folders, data size and repetition count of one benchmark run."""
 
     size: DataSize
     data_dir: Path

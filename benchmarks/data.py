@@ -105,7 +105,7 @@ def make_subset(data_dir: Path, count: int, dest: Path) -> Path:
 def make_evaluation_folders(data_dir: Path, dest: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write a ground-truth folder and a prediction folder made by perturbing the ground truth.
 
-    The ground-truth folder links the label files and holds the info CSV, as the
+    The ground-truth folder links the label files and contains the info CSV, as the
     official evaluator expects. Each ground-truth instance is kept, dropped, shifted
     by up to 6 voxels, dilated or split in two; each scan also gets 2 to 11 spherical
     false positives. Confidences are random with two decimals, so some equal the

@@ -33,6 +33,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     load: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    finished: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +84,14 @@ def format_markdown(sections: list[Section], machine: dict[str, str], command: s
         command,
         "```",
         "",
+        "The evaluation comparison needs a clone of the official evaluator",
+        "(`git clone https://github.com/M3DV/RibFrac-Challenge`, passed as `--official`) and scikit-image",
+        "(`pip install scikit-image`), which that evaluator imports; without `--official` it is skipped with a",
+        "message. `--quick` runs every comparison on small phantoms to check the scripts and writes",
+        "`benchmarks/results/benchmarks-quick.md` instead of this page; `--only SECTION ...` runs some sections.",
+        "Raw figures go to `benchmarks/results/results-realistic.json` and the child processes' output to",
+        "`benchmarks/results/log-realistic.txt`.",
+        "",
         f"Data: seeded phantom scans of {size_text} (int16 images, uint8 labels, gzip-compressed NIfTI),",
         "written by `ribfrac_ray.phantoms.make_phantoms` and cached under `benchmarks/results/`.",
         "MB means 10^6 bytes. Peak memory is the resident set size (RSS) high-water mark of the process.",
@@ -96,14 +105,16 @@ def format_markdown(sections: list[Section], machine: dict[str, str], command: s
     ]
     for key in ("cpu", "cores", "ram", "os", "python", "libraries"):
         lines.append(f"| {key} | {machine.get(key, '')} |")
-    lines.append(f"| load average during the run | {_load_text(load)} |")
-    lines.append(f"| total run time | {total_seconds / 60:.1f} min |")
+    lines.append(f"| load average during the last run | {_load_text(load)} |")
+    lines.append(f"| time of the last run | {total_seconds / 60:.1f} min |")
     lines.append("")
-    if load and load.get("max", 0) > float(machine.get("cores", "1")):
+    highest = max([section.load.get("max", 0.0) for section in sections if section.load] or [0.0])
+    if highest > float(machine.get("cores", "1")):
         lines.append(
-            f"The 1-minute load average reached {load['max']:.1f} on {machine.get('cores')} cores, so other "
-            "processes competed for the CPUs during the run. Each comparison interleaves or follows its "
-            "baseline closely, so ratios are more reliable than absolute times."
+            f"The 1-minute load average reached {highest:.1f} on {machine.get('cores')} cores, so other "
+            "processes competed for the CPUs while the benchmarks ran, and absolute times are longer than on an "
+            "idle machine. Each comparison interleaves with its baseline or runs right after it, so ratios are "
+            "more reliable than absolute times."
         )
         lines.append("")
     lines.append(f"GPU: {gpu_note}")
@@ -112,8 +123,9 @@ def format_markdown(sections: list[Section], machine: dict[str, str], command: s
     for section in sections:
         lines.append(f"## {section.title}")
         lines.append("")
-        lines.append(f"Baseline: {section.baseline_name}. Section time {section.seconds / 60:.1f} min, "
-                     f"load average {_load_text(section.load)}.")
+        measured = f"measured {section.finished}, " if section.finished else ""
+        lines.append(f"Baseline: {section.baseline_name}. Section time {section.seconds / 60:.1f} min "
+                     f"({measured}load average {_load_text(section.load)}).")
         lines.append("")
         lines.append("| measure | ribfrac-ray | baseline | ratio | target | result |")
         lines.append("| --- | ---: | ---: | ---: | --- | --- |")

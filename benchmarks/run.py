@@ -3,9 +3,10 @@
     python -m benchmarks.run [--official PATH] [--quick] [--only SECTION ...]
 
 Without ``--quick`` the data are realistic RibFrac-sized phantoms and the page
-goes to ``docs/benchmarks.md``; with it the data are small and the page goes to
+goes to ``docs/benchmarks.md``. With it the data are small and the page goes to
 ``benchmarks/results/benchmarks-quick.md``, so a check of the scripts never
-replaces the recorded results.
+replaces the recorded results. With ``--only``, the page keeps the other
+sections' results of the last run at the same size, from ``results-<size>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from benchmarks.context import Context
 from benchmarks.data import QUICK, REALISTIC, ensure_phantoms
 from benchmarks.machine import LoadMonitor, describe_machine
-from benchmarks.report import Section, format_console, format_markdown, write_markdown
+from benchmarks.report import Row, Section, format_console, format_markdown, write_markdown
 
 logger = logging.getLogger("benchmarks")
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="results page to write (default: docs/benchmarks.md, or "
                              "benchmarks/results/benchmarks-quick.md with --quick)")
     parser.add_argument("--repetitions", type=int, default=None,
-                        help="alternating repetitions of each timed comparison (default: 2, 1 with --quick)")
+                        help="official evaluator runs, and scans in the in-process prediction comparison (default: 1)")
     return parser.parse_args(argv)
 
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = results_dir / f"log-{size.name}.txt"
     log_path.write_text("")
 
+    raw_path = results_dir / f"results-{size.name}.json"
+    earlier = _earlier_sections(raw_path)
     started = time.perf_counter()
     with LoadMonitor() as load:
         data_dir = ensure_phantoms(results_dir, size)
@@ -68,23 +71,34 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=data_dir,
             results_dir=results_dir,
             log_path=log_path,
-            repetitions=args.repetitions or (1 if args.quick else 2),
+            repetitions=args.repetitions or 1,
             official=args.official.resolve() if args.official else None,
         )
-        sections = [_run_section(name, context) for name in SECTIONS if name in args.only]
+        ran = {name: _run_section(name, context) for name in SECTIONS if name in args.only}
     total = time.perf_counter() - started
 
+    sections = [ran.get(name) or earlier[name] for name in SECTIONS if name in ran or name in earlier]
     machine = describe_machine()
-    print(format_console(sections))
+    print(format_console([ran[name] for name in SECTIONS if name in ran]))
     command = _command_line(args)
     text = format_markdown(sections, machine, command, f"{size.describe()}, {size.n_scans} scans",
                            load.summary(), total, GPU_NOTE)
     write_markdown(page, text)
-    raw_path = results_dir / f"results-{size.name}.json"
     raw_path.write_text(json.dumps({"machine": machine, "sections": [asdict(s) for s in sections]}, indent=1,
                                    default=str))
     print(f"wrote {page} and {raw_path}; child process logs in {log_path}")
     return 0
+
+
+def _earlier_sections(raw_path: Path) -> dict[str, Section]:
+    """Return the sections stored by the last run at this size, by key; empty when there is none."""
+    if not raw_path.is_file():
+        return {}
+    sections = {}
+    for values in json.loads(raw_path.read_text()).get("sections", []):
+        rows = [Row(**row) for row in values.pop("rows")]
+        sections[values["key"]] = Section(**values, rows=rows)
+    return sections
 
 
 def _run_section(name: str, context: Context) -> Section:
@@ -95,6 +109,7 @@ def _run_section(name: str, context: Context) -> Section:
         section = module.run(context)
     section.seconds = time.perf_counter() - started
     section.load = load.summary()
+    section.finished = time.strftime("%Y-%m-%d %H:%M")
     logger.info("%s benchmark done in %.0f s", name, section.seconds)
     return section
 

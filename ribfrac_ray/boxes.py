@@ -18,7 +18,9 @@ def boxes_from_instances(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if label.size == 0 or not label.any():
         return np.zeros(0, np.int64), np.zeros((0, 6), np.float32)
 
-    slices = ndimage.find_objects(label.astype(np.int32, copy=False))
+    # find_objects takes any integer type, and an int32 copy of a uint8 volume is four times its size.
+    integer_label = label if np.issubdtype(label.dtype, np.integer) else label.astype(np.int32)
+    slices = ndimage.find_objects(integer_label)
     ids, boxes = [], []
     for index, found in enumerate(slices, start=1):
         if found is None:

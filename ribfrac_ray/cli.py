@@ -212,7 +212,9 @@ def _print_summary(results: list[Any], config: PipelineConfig, uri: str) -> None
     if failures:
         print(f"\n{len(failures)} case(s) failed:")
         for failure in failures:
-            print(f"  {failure['public_id']}: {failure['reason']}")
+            # Reasons from the volume checks start with the file; discovery reasons may not name it.
+            where = "" if failure["path"] in failure["reason"] else f"{failure['path']}: "
+            print(f"  {failure['public_id']}: {where}{failure['reason']}")
     print(f"\npredictions: {config.predict.out_dir}")
     print(f"MLflow store: {uri}  (browse with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
 

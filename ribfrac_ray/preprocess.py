@@ -22,7 +22,9 @@ made with other settings, are replaced or removed.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -366,10 +368,12 @@ def _write_manifest(out_dir: Path, report: PreprocessReport, fingerprint: str) -
     manifest["fingerprint"] = fingerprint
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     if report.failures:
-        lines = ["public_id,stage,path,reason"] + [
-            ",".join(json.dumps(str(v)) for v in (f.public_id, f.stage, f.path, f.reason)) for f in report.failures
-        ]
-        atomic_write_text(out_dir / "failures.csv", "\n".join(lines) + "\n")
+        # The csv module quotes commas and quotes in reasons and keeps non-ASCII file names as they are.
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["public_id", "stage", "path", "reason"])
+        writer.writerows([f.public_id, f.stage, f.path, f.reason] for f in report.failures)
+        atomic_write_text(out_dir / "failures.csv", buffer.getvalue())
     elif (out_dir / "failures.csv").exists():
         os.remove(out_dir / "failures.csv")
 

@@ -25,8 +25,8 @@ def init_ray(config: RayConfig, include_dashboard: bool = False) -> None:
 
     An address from the config or ``RAY_ADDRESS`` (as set inside ``ray job submit``)
     joins that cluster. Otherwise a local instance starts with ``num_cpus`` logical
-    CPUs (0: all cores) and its dashboard off unless ``include_dashboard``; its
-    node address is 127.0.0.1, so what it serves binds there (see
+    CPUs (0: all cores) and its dashboard off unless ``include_dashboard``. Its
+    node address is 127.0.0.1, so every server it starts binds there (see
     :func:`use_loopback_address`). The dashboard serves Ray's State API, which Ray
     Train needs to free a run's placement group when the run's process is killed,
     as Tune does to trials that it stops.
@@ -60,7 +60,7 @@ def use_loopback_address() -> None:
     """Make Ray instances started from this process use 127.0.0.1 as their node address.
 
     Ray reads the variable when it is imported, so this also sets the constant that
-    this process has already read; processes that Ray starts inherit the variable.
+    this process has already read. Processes that Ray starts inherit the variable.
     """
     from ray._private import ray_constants
 

@@ -171,6 +171,31 @@ def test_best_config_loads_with_paths_under_workdir(tmp_path):
     assert moved.predict.out_dir == "/elsewhere/out"
 
 
+def test_resume_check_rejects_changed_settings(tmp_path):
+    import dataclasses
+
+    from ribfrac_ray.config import save_config
+    from ribfrac_ray.tuning import search
+
+    space = load_space(write_space(tmp_path, VALID_SPACE))
+    base = PipelineConfig()
+    (tmp_path / search.SETTINGS_FILE).write_text(json.dumps(space.describe()))
+    save_config(base, tmp_path / search.BASE_CONFIG_FILE)
+    search._check_unchanged(tmp_path, space, base)
+
+    with pytest.raises(ConfigError, match="search.num_samples: 2 -> 4"):
+        search._check_unchanged(tmp_path, load_space(tmp_path / "space.yaml", {"num_samples": 4}), base)
+    grown = write_space(tmp_path, VALID_SPACE + "  detector.focal_gamma: {uniform: [1.0, 2.0]}\n", "grown.yaml")
+    with pytest.raises(ConfigError, match="space.detector.focal_gamma"):
+        search._check_unchanged(tmp_path, load_space(grown), base)
+    channels = base.detector.fpn_channels
+    wider = dataclasses.replace(base, detector=dataclasses.replace(base.detector, fpn_channels=2 * channels))
+    with pytest.raises(ConfigError, match=f"detector.fpn_channels: {channels} -> {2 * channels}"):
+        search._check_unchanged(tmp_path, space, wider)
+    # The searched value replaces the base value in every trial, so a new base value is no change.
+    search._check_unchanged(tmp_path, space, dataclasses.replace(base, detector=dataclasses.replace(base.detector, focal_alpha=0.9)))
+
+
 def test_best_trial_prefers_score_then_order():
     from ribfrac_ray.tuning.search import TrialSummary, best_trial
 
@@ -185,6 +210,47 @@ def test_best_trial_prefers_score_then_order():
     assert best_trial(trials, "max").trial_id == "t1"
     assert best_trial(trials, "min").trial_id == "t0"
     assert best_trial(trials[2:3], "max") is None
+
+
+def test_recorder_closes_errored_trial_runs(tracking_uri):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from ribfrac_ray.tuning.search import MlflowTarget, TrialRunRecorder, open_trial_run
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("tune-records")
+    parent_id = client.create_run(experiment_id, run_name="tune-records").info.run_id
+    target = MlflowTarget(tracking_uri, experiment_id, parent_id)
+    run_id = open_trial_run(target, "abc12_00000", {"detector": {"focal_alpha": 0.3}})
+    client.log_metric(run_id, "val_froc", 0.2, step=0)
+    client.log_metric(run_id, "val_froc", 0.1, step=1)
+
+    recorder = TrialRunRecorder(target, "val_froc", "max", max_epochs=3)
+    recorder.on_trial_error(0, [], SimpleNamespace(trial_id="abc12_00000", last_result={}, get_error=lambda: "ValueError: boom"))
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["ribfrac.trial_outcome"] == "errored"
+    assert "boom" in run.data.tags["ribfrac.error"]
+    assert run.data.metrics["best_val_froc"] == 0.2
+    assert run.data.metrics["epochs_done"] == 2
+    assert run.data.params["detector.focal_alpha"] == "0.3"
+
+    # A trial that fails before its process creates the run still gets one.
+    recorder.on_trial_error(0, [], SimpleNamespace(trial_id="abc12_00001", last_result={}, get_error=lambda: None))
+    early = client.search_runs([experiment_id], filter_string="tags.`ribfrac.trial_id` = 'abc12_00001'")
+    assert len(early) == 1
+    assert early[0].data.tags["ribfrac.trial_outcome"] == "errored"
+    assert early[0].data.tags["mlflow.parentRunId"] == parent_id
+
+    # Resuming the errored trial reopens its run as unfinished.
+    assert open_trial_run(target, "abc12_00000", {"detector": {"focal_alpha": 0.3}}) == run_id
+    reopened = client.get_run(run_id)
+    assert reopened.info.status == "RUNNING"
+    assert reopened.data.tags["ribfrac.restarts"] == "1"
+    assert "ribfrac.trial_outcome" not in reopened.data.tags
+    assert "ribfrac.error" not in reopened.data.tags
 
 
 def test_resource_check_rejects_starved_data(ray_local):
@@ -399,31 +465,47 @@ def _process_or_none(pid: int):
         return None
 
 
+def trials_with_an_epoch(uri: str, name: str) -> dict[str, str]:
+    """Return trial id -> MLflow run id for the trials that have logged at least one epoch."""
+    from ribfrac_ray.tracking import retry_locked
+
+    client, _, children = retry_locked(search_runs, uri, name)
+    return {
+        child.data.tags["ribfrac.trial_id"]: child.info.run_id
+        for child in children
+        if retry_locked(client.get_metric_history, child.info.run_id, "train_loss")
+    }
+
+
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, patch_dir):
     workdir = tmp_path / "work"
+    uri = tracking_uri_of(workdir)
     experiment_dir = workdir / "tune" / "crash"
     space = write_space(tmp_path, TINY_SPACE.format(scheduler="fifo"))
     command = tune_command(workdir, space, patch_dir, "crash")
 
-    # Kill the driver, its local Ray instance and the trials once Tune has saved a finished trial.
+    # Kill the driver, its local Ray instance and the trials once Tune has saved a
+    # finished trial and the next trial has logged its first epoch.
     with (tmp_path / "first.log").open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         deadline = time.monotonic() + SEARCH_TIMEOUT_S
         finished: list[str] = []
-        while not finished:
+        running: list[str] = []
+        while not (finished and running):
             assert process.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(2)
             finished = [trial for trial, status in saved_trial_statuses(experiment_dir).items() if status == "TERMINATED"]
+            running = [trial for trial in trials_with_an_epoch(uri, "crash") if trial not in finished] if finished else []
     finally:
         kill_tree(process_tree(process.pid))
     assert len(finished) < 3, "the search finished before it could be interrupted"
 
-    client, parent, children = search_runs(tracking_uri_of(workdir), "crash")
+    client, parent, children = search_runs(uri, "crash")
     runs_before = {child.data.tags["ribfrac.trial_id"]: child for child in children}
-    history_before = {trial: metric_steps(client, runs_before[trial].info.run_id) for trial in finished}
+    history_before = {trial: metric_steps(client, run.info.run_id) for trial, run in runs_before.items()}
     checkpoints_before = {trial: sorted(p.name for p in (experiment_dir / "trials" / f"det-{trial}").iterdir()) for trial in finished}
 
     result = run_cli(command, tmp_path / "second.log")
@@ -431,7 +513,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, patch
     assert result.returncode == 0, log[-4000:]
     assert "resuming search" in log
 
-    client, parent_after, children = search_runs(tracking_uri_of(workdir), "crash")
+    client, parent_after, children = search_runs(uri, "crash")
     assert parent_after.info.run_id == parent.info.run_id
     assert parent_after.data.tags["ribfrac.restarts"] == "1"
     assert parent_after.info.status == "FINISHED"
@@ -446,8 +528,17 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, patch
         assert "ribfrac.restarts" not in run.data.tags, f"finished trial {trial} ran again"
         assert metric_steps(client, run.info.run_id) == history_before[trial]
         assert sorted(p.name for p in (experiment_dir / "trials" / f"det-{trial}").iterdir()) == checkpoints_before[trial]
+
+    # The trial cut off after its first epoch reuses its run and resumes from that epoch's checkpoint.
+    for trial in running:
+        run = runs_after[trial]
+        assert run.info.run_id == runs_before[trial].info.run_id
+        assert run.data.tags["ribfrac.restarts"] == "1"
+        history = metric_steps(client, run.info.run_id)
+        assert history[: len(history_before[trial])] == history_before[trial]
+        assert [step for step, _, _ in history] == [0, 1], f"trial {trial} trained an epoch again: {history}"
+
     for trial, run in runs_after.items():
         assert run.data.tags["ribfrac.trial_outcome"] == "completed"
-        # A trial cut off during its first epoch starts that epoch again, so a step may repeat.
-        assert sorted({step for step, _, _ in metric_steps(client, run.info.run_id)}) == [0, 1]
+        assert [step for step, _, _ in metric_steps(client, run.info.run_id)] == [0, 1]
     assert (experiment_dir / "best_config.yaml").is_file()

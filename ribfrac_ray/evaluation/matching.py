@@ -75,8 +75,8 @@ def match_instances(gt: np.ndarray, pred: np.ndarray) -> ScanMatch:
 
     num_gt = int(gt.max(initial=0))
     num_pred = int(pred.max(initial=0))
-    gt_voxels = np.bincount(gt.ravel(), minlength=num_gt + 1)
-    pred_voxels = np.bincount(pred.ravel(), minlength=num_pred + 1)
+    gt_voxels = _count_labels(gt, num_gt + 1)
+    pred_voxels = _count_labels(pred, num_pred + 1)
 
     iou_matrix = np.zeros((num_gt, num_pred), dtype=np.float64)
     intersection_voxels = 0
@@ -119,7 +119,7 @@ def _fill_component_ious(gt: np.ndarray, pred: np.ndarray, iou_matrix: np.ndarra
     # Cropping to the union's box keeps the components and their C order.
     union_components = cc3d.connected_components(union_mask, connectivity=26)
     intersection_components = cc3d.connected_components(intersection_mask, connectivity=26)
-    union_sizes = np.bincount(union_components.ravel())
+    union_sizes = _count_labels(union_components)
 
     flat_index = np.flatnonzero(intersection_components)
     component_of_voxel = intersection_components.reshape(-1)[flat_index]
@@ -145,6 +145,20 @@ def _fill_component_ious(gt: np.ndarray, pred: np.ndarray, iou_matrix: np.ndarra
     iou_matrix[gt_ids[chosen] - 1, pred_ids[chosen] - 1] = ious[chosen]
 
     return int(flat_index.size), int(union_sizes[1:].sum())
+
+
+def _count_labels(volume: np.ndarray, minlength: int = 1) -> np.ndarray:
+    """Return ``np.bincount(volume.ravel(), minlength=minlength)`` without copying the whole volume.
+
+    ``ravel(order="K")`` is a view of C- and Fortran-ordered arrays alike (nibabel
+    returns the latter), and only the nonzero voxels, which are few in label
+    volumes, go through bincount's int64 conversion.
+    """
+    flat = volume.ravel(order="K")
+    nonzero = flat[flat != 0]
+    counts = np.bincount(nonzero, minlength=max(minlength, 1))
+    counts[0] = flat.size - nonzero.size
+    return counts
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:

@@ -44,7 +44,11 @@ class Case:
     label_codes: tuple[tuple[int, int], ...] | None = None
 
     def codes(self) -> dict[int, int] | None:
-        """Label id to label code, from the info CSV; None when no CSV row was found."""
+        """Label id to label code from the info CSV.
+
+        Empty when the split's info CSVs are readable but do not list the scan; None
+        when the split has no info CSV or one of them could not be read.
+        """
         return None if self.label_codes is None else dict(self.label_codes)
 
 
@@ -101,14 +105,15 @@ def find_cases(root: str | Path, split: str, require_labels: bool = True) -> Cas
 
     image_dirs = sorted(p for p in root.glob(f"ribfrac-{split}-images*") if p.is_dir())
     label_dirs = sorted(p for p in root.glob(f"ribfrac-{split}-labels*") if p.is_dir())
-    if not image_dirs:
+    flat = not image_dirs
+    if flat:
         image_dirs, label_dirs = [root], [root]
         logger.info("no ribfrac-%s-images folder in %s; reading it as a flat folder", split, root)
 
     result = CaseSet(split=split)
     images = _index_files(image_dirs, IMAGE_SUFFIXES, result)
     labels = _index_files(label_dirs, LABEL_SUFFIXES, result)
-    codes_by_id = _read_info_csvs(root, split, result)
+    codes_by_id, csv_complete = _read_info_csvs(root, split, result, flat)
 
     for public_id, image_path in sorted(images.items(), key=lambda item: natural_key(item[0])):
         label_path = labels.get(public_id)
@@ -120,6 +125,10 @@ def find_cases(root: str | Path, split: str, require_labels: bool = True) -> Cas
             ))
             continue
         codes = codes_by_id.get(public_id)
+        if codes is None and csv_complete:
+            # A scan that the readable info CSVs do not list gets no label codes,
+            # so the label check reports each of its label ids as missing from the CSV.
+            codes = {}
         result.cases.append(Case(
             public_id=public_id,
             image_path=image_path,
@@ -153,21 +162,28 @@ def _index_files(folders: list[Path], suffixes: tuple[str, ...], result: CaseSet
     return found
 
 
-def _read_info_csvs(root: Path, split: str, result: CaseSet) -> dict[str, dict[int, int]]:
+def _read_info_csvs(root: Path, split: str, result: CaseSet, flat: bool) -> tuple[dict[str, dict[int, int]], bool]:
+    """Return the label codes by public id, and whether info CSVs exist and all were readable.
+
+    A flat folder may name its info CSV freely; in the official layout only the
+    split's own ``ribfrac-<split>-info*.csv`` counts, never another split's.
+    """
     paths = sorted(root.glob(f"ribfrac-{split}-info*.csv"))
-    if not paths:
-        paths = sorted(p for p in root.glob("*info*.csv"))
+    if not paths and flat:
+        paths = sorted(root.glob("*info*.csv"))
     result.info_csvs = paths
     codes: dict[str, dict[int, int]] = {}
+    complete = bool(paths)
     for path in paths:
         try:
             table = read_info_csv(path)
         except ValueError as error:
             result.failures.append(CaseFailure("*", str(path), str(error), stage="info-csv"))
+            complete = False
             continue
         for row in table.itertuples(index=False):
             codes.setdefault(str(row.public_id), {})[int(row.label_id)] = int(row.label_code)
-    return codes
+    return codes, complete
 
 
 def read_info_csv(path: Path) -> pd.DataFrame:

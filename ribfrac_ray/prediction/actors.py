@@ -60,8 +60,8 @@ class DetectorActor:
     Output columns per volume: ``public_id``, ``image_path``, ``status`` ("ok" or
     "failed"), ``reason``, ``geometry`` (JSON), ``boxes`` and ``scores`` (JSON
     lists in canonical voxels), ``crops`` (``.npy`` bytes of float16 (n, X, Y, Z)
-    windowed crops around the boxes), ``crop_origins`` (JSON) and ``node_id``
-    (the Ray node of this actor).
+    windowed crops around the boxes) and ``crop_origins`` (JSON). ``node_id`` is
+    the Ray node of this actor.
     """
 
     def __init__(self, checkpoint: str, config: dict[str, Any], window: dict[str, Any]):

@@ -35,7 +35,7 @@ class NetworkSpec:
     world size is above 1, and an unwrapped view for validation on rank 0 alone
     (a DDP forward is a collective call and would wait for the other ranks).
     ``make_loss`` builds the loss function that ``train_step`` receives (None
-    where the model computes its own loss); ``train_step`` returns the loss and a mapping of scalar parts to log.
+    where the model computes its own loss); ``train_step`` takes a flag for random flips and returns the loss and a mapping of scalar parts to log.
     ``validate`` returns the validation metrics, including ``score_metric``.
     """
 
@@ -44,7 +44,7 @@ class NetworkSpec:
     build: Callable[[dict[str, Any]], tuple[Any, torch.nn.Module]]
     wrap_ddp: Callable[[Any], tuple[Any, Any]]
     make_loss: Callable[[dict[str, Any]], Any]
-    train_step: Callable[[Any, dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[str, float]]]
+    train_step: Callable[[Any, dict[str, torch.Tensor], Any, bool], tuple[torch.Tensor, dict[str, float]]]
     validate: Callable[[Any, Any, dict[str, Any]], dict[str, float]]
     meta: Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -129,8 +129,9 @@ def _train_epoch(model: Any, spec: NetworkSpec, shard: Any, optimizer: torch.opt
         drop_last=False,
     )
     loss_function = spec.make_loss(config)
+    augment = bool(config.get("augment", True))
     for batch in batches:
-        loss, parts = spec.train_step(model, batch, loss_function)
+        loss, parts = spec.train_step(model, batch, loss_function, augment)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{spec.kind} loss became {value} at step {steps}; lower train_{spec.kind}.lr")

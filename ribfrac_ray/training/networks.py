@@ -26,6 +26,23 @@ def _images(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["image"].float().unsqueeze(1)
 
 
+def random_flip_axes(generator: torch.Generator) -> list[int]:
+    """Pick each spatial axis (0 = x, 1 = y, 2 = z) with probability 0.5."""
+    return [axis for axis in range(3) if torch.rand(1, generator=generator).item() < 0.5]
+
+
+def flip_boxes(boxes: torch.Tensor, axes: list[int], size: tuple[int, ...]) -> torch.Tensor:
+    """Mirror (n, 6) boxes in a patch of ``size`` voxels along ``axes``; min and max swap roles."""
+    flipped = boxes.clone()
+    for axis in axes:
+        flipped[:, axis] = size[axis] - boxes[:, axis + 3]
+        flipped[:, axis + 3] = size[axis] - boxes[:, axis]
+    return flipped
+
+
+_FLIPS = torch.Generator().manual_seed(0)
+
+
 def _detector_config(config: dict[str, Any]) -> DetectorConfig:
     return apply_mapping(DetectorConfig(), config["detector"], source="detector checkpoint config")
 
@@ -44,10 +61,18 @@ def _wrap_detector(detector: Any) -> tuple[Any, Any]:
     return wrapped, wrapped
 
 
-def _detector_step(detector: Any, batch: dict[str, torch.Tensor], loss_function: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def _detector_step(detector: Any, batch: dict[str, torch.Tensor], loss_function: Any, augment: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    images = _images(batch)
     counts = batch["n_boxes"].tolist()
     boxes = [batch["boxes"][i, : int(n)].float() for i, n in enumerate(counts)]
-    return detector_loss(detector, _images(batch), boxes)
+    if augment:
+        # Mirror the whole batch along random axes; ribs appear on both sides and at
+        # every height, so mirrored patches are plausible new samples.
+        axes = random_flip_axes(_FLIPS)
+        if axes:
+            images = torch.flip(images, dims=[axis + 2 for axis in axes])
+            boxes = [flip_boxes(b, axes, tuple(images.shape[2:])) for b in boxes]
+    return detector_loss(detector, images, boxes)
 
 
 def _validate_detector(detector: Any, shard: Any, config: dict[str, Any]) -> dict[str, float]:
@@ -98,9 +123,14 @@ def _wrap_segmenter(network: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return ray.train.torch.prepare_model(network), network
 
 
-def _segmenter_step(network: torch.nn.Module, batch: dict[str, torch.Tensor], loss_function: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = network(_images(batch))
-    return loss_function(logits, batch["mask"].long().unsqueeze(1)), {}
+def _segmenter_step(network: torch.nn.Module, batch: dict[str, torch.Tensor], loss_function: Any, augment: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    images = _images(batch)
+    masks = batch["mask"].long().unsqueeze(1)
+    axes = [axis + 2 for axis in random_flip_axes(_FLIPS)] if augment else []
+    if axes:
+        images, masks = torch.flip(images, dims=axes), torch.flip(masks, dims=axes)
+    logits = network(images)
+    return loss_function(logits, masks), {}
 
 
 def _validate_segmenter(network: torch.nn.Module, shard: Any, config: dict[str, Any]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from ribfrac_ray.tuning.space import load_space
 if TYPE_CHECKING:
     from ribfrac_ray.tuning.search import SearchOutcome
 
-HELP = "search detector settings (anchors, focal loss, learning rate) with Ray Tune"
 # Exit status of a search that stopped before every trial finished (128 + SIGINT).
 EXIT_INTERRUPTED = 130
 EXIT_NO_SCORE = 1
@@ -67,7 +66,7 @@ def run_tune(args: argparse.Namespace, config: PipelineConfig) -> int:
     name = args.name or Path(args.space).stem
 
     # The dashboard serves the State API, through which Ray Train frees the CPUs of
-    # a trial that Tune stops; see runtime.init_ray.
+    # a trial that Tune stops (see runtime.init_ray).
     init_ray(config.ray, include_dashboard=True)
     outcome = run_search(space, config, name, overwrite=args.overwrite)
     print_summary(outcome, space.settings.metric)
@@ -94,8 +93,8 @@ def print_summary(outcome: SearchOutcome, metric: str) -> None:
         print("\nno trial reported a score; see the errors in the trial folders under", outcome.experiment_dir)
     else:
         print(f"\nbest trial: {outcome.best.trial_id} ({metric} = {outcome.best.score:.4f}), MLflow run {outcome.best.run_id}")
-        if outcome.best.checkpoint:
-            print(f"its best checkpoint: {outcome.best.checkpoint}")
+        if outcome.best_detector_path:
+            print(f"its best checkpoint, for predict --detector: {outcome.best_detector_path}")
         print(f"best config: {outcome.best_config_path}")
         print(f"train with it: ribfrac-ray train --net retinanet --config {outcome.best_config_path}")
     print(f"MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}")

@@ -106,7 +106,7 @@ class TrialSummary:
     run_id: str
     # "completed", "stopped_early", "errored", or "unfinished" (interrupted or never started).
     outcome: str
-    # Best value of the search metric over the trial's epochs; None before its first epoch.
+    # Best value of the search metric over the trial's epochs, or None before its first epoch.
     score: float | None
     epochs: int
     values: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +125,8 @@ class SearchOutcome:
     trials: list[TrialSummary]
     best: TrialSummary | None
     best_config_path: str
+    # Copy of the best trial's best checkpoint, or "" when there is none.
+    best_detector_path: str
     interrupted: bool
     resumed: bool
     seconds: float
@@ -195,6 +197,8 @@ def run_search(space: SearchSpace, config: PipelineConfig, name: str, overwrite:
     _check_patches(base.train_detector)
     _check_anchor_settings(base, space)
     check_resources(space.settings, base.train_detector)
+    # Built before anything is written, so that its errors leave no trace.
+    tune_config = _tune_config(space.settings, base.train_detector.epochs)
     if space.settings.scheduler == "asha":
         _warn_without_state_api()
 
@@ -205,7 +209,73 @@ def run_search(space: SearchSpace, config: PipelineConfig, name: str, overwrite:
     resumed = tune.Tuner.can_restore(str(experiment_dir))
     if resumed:
         _check_unchanged(experiment_dir, space, base)
+    target = _open_parent_run(config, name, experiment_dir, space, base, resumed)
+    client = MlflowClient(target.tracking_uri)
 
+    context = TrialContext(config=base, space=space, experiment_dir=str(experiment_dir), mlflow=target)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": space.settings.trial_cpus})
+    if resumed:
+        # Tune restores the scheduler (without its rung records), the search algorithm
+        # and the callbacks from the experiment folder. Only the trainable is passed again.
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        recorder = TrialRunRecorder(target, space.settings.metric, space.settings.mode, base.train_detector.epochs)
+        run_config = tune.RunConfig(name=name, storage_path=str(experiment_dir.parent), callbacks=[recorder])
+        tuner = tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config, run_config=run_config)
+
+    logger.info("%s search %s: %d trials, %s", "resuming" if resumed else "starting", experiment_dir, space.settings.num_samples, space.settings)
+    try:
+        results = tuner.fit()
+    except BaseException as error:
+        _end_run(client, target.parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+    trials = summarize_trials(client, target, results, space)
+    finished = sum(trial.outcome in OUTCOMES for trial in trials)
+    interrupted = finished < space.settings.num_samples
+    best = best_trial(trials, space.settings.mode)
+    best_config_path = best_detector_path = ""
+    if best is not None and not interrupted:
+        best_config_path = str(experiment_dir / BEST_CONFIG_FILE)
+        export_best_config(base, best.values, f"detector-{name}-best", best_config_path)
+        if best.checkpoint:
+            best_detector_path = str(experiment_dir / BEST_DETECTOR_FOLDER)
+            export_checkpoint(best.checkpoint, Path(best_detector_path))
+
+    _finish_parent_run(client, target, trials, best, best_config_path, interrupted, space.settings, time.perf_counter() - started)
+    return SearchOutcome(
+        name=name,
+        experiment_dir=str(experiment_dir),
+        parent_run_id=target.parent_run_id,
+        tracking_uri=target.tracking_uri,
+        trials=trials,
+        best=best,
+        best_config_path=best_config_path,
+        best_detector_path=best_detector_path,
+        interrupted=interrupted,
+        resumed=resumed,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _tune_config(settings: SearchSettings, max_epochs: int) -> tune.TuneConfig:
+    search_alg, max_concurrent = _search_algorithm(settings)
+    return tune.TuneConfig(
+        metric=settings.metric,
+        mode=settings.mode,
+        num_samples=settings.num_samples,
+        max_concurrent_trials=max_concurrent,
+        search_alg=search_alg,
+        scheduler=_scheduler(settings, max_epochs),
+        # Each trial owns its Ray Train controller, which ends with the trial's process.
+        reuse_actors=False,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_dirname,
+    )
+
+
+def _open_parent_run(config: PipelineConfig, name: str, experiment_dir: Path, space: SearchSpace, base: PipelineConfig, resumed: bool) -> MlflowTarget:
+    """Reopen the search's MLflow parent run, or record a new search in its folder and in MLflow."""
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, config.workdir)
     experiment_id = configure(tracking_uri, config.tracking.experiment)
     client = MlflowClient(tracking_uri)
@@ -216,70 +286,7 @@ def run_search(space: SearchSpace, config: PipelineConfig, name: str, overwrite:
         (experiment_dir / SETTINGS_FILE).write_text(json.dumps(space.describe(), indent=1), encoding="utf-8")
         save_config(base, experiment_dir / BASE_CONFIG_FILE)
         parent_run_id = _start_parent_run(client, experiment_id, name, experiment_dir, space, base)
-    target = MlflowTarget(tracking_uri, experiment_id, parent_run_id)
-
-    tuner = _build_tuner(space, base, name, experiment_dir, target, resumed)
-    logger.info("%s search %s: %d trials, %s", "resuming" if resumed else "starting", experiment_dir, space.settings.num_samples, space.settings)
-    try:
-        results = tuner.fit()
-    except BaseException as error:
-        _end_run(client, parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-
-    trials = summarize_trials(client, target, results, space)
-    finished = sum(trial.outcome in OUTCOMES for trial in trials)
-    interrupted = finished < space.settings.num_samples
-    best = best_trial(trials, space.settings.mode)
-    best_config_path = ""
-    if best is not None and not interrupted:
-        best_config_path = str(experiment_dir / BEST_CONFIG_FILE)
-        export_best_config(base, best.values, f"detector-{name}-best", best_config_path)
-        if best.checkpoint:
-            export_checkpoint(best.checkpoint, experiment_dir / BEST_DETECTOR_FOLDER)
-
-    _finish_parent_run(client, target, trials, best, best_config_path, interrupted, space.settings, time.perf_counter() - started)
-    return SearchOutcome(
-        name=name,
-        experiment_dir=str(experiment_dir),
-        parent_run_id=parent_run_id,
-        tracking_uri=tracking_uri,
-        trials=trials,
-        best=best,
-        best_config_path=best_config_path,
-        interrupted=interrupted,
-        resumed=resumed,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def _build_tuner(space: SearchSpace, base: PipelineConfig, name: str, experiment_dir: Path, target: MlflowTarget, resumed: bool) -> tune.Tuner:
-    settings = space.settings
-    context = TrialContext(config=base, space=space, experiment_dir=str(experiment_dir), mlflow=target)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": settings.trial_cpus})
-    if resumed:
-        # Tune restores its scheduler, search algorithm and callbacks from tuner.pkl;
-        # only the trainable is passed again.
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-
-    search_alg, max_concurrent = _search_algorithm(settings)
-    tune_config = tune.TuneConfig(
-        metric=settings.metric,
-        mode=settings.mode,
-        num_samples=settings.num_samples,
-        max_concurrent_trials=max_concurrent,
-        search_alg=search_alg,
-        scheduler=_scheduler(settings, base.train_detector.epochs),
-        # Each trial owns its Ray Train controller, which ends with the trial's process.
-        reuse_actors=False,
-        trial_name_creator=trial_name,
-        trial_dirname_creator=trial_dirname,
-    )
-    run_config = tune.RunConfig(
-        name=name,
-        storage_path=str(experiment_dir.parent),
-        callbacks=[TrialRunRecorder(target, settings.metric, settings.mode, base.train_detector.epochs)],
-    )
-    return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config, run_config=run_config)
+    return MlflowTarget(tracking_uri, experiment_id, parent_run_id)
 
 
 def trial_name(trial: Any) -> str:
@@ -320,9 +327,10 @@ def _scheduler(settings: SearchSettings, max_epochs: int) -> Any:
         return FIFOScheduler()
     if settings.grace_period > max_epochs:
         raise ConfigError(f"search.grace_period ({settings.grace_period}) is above the {max_epochs} epochs per trial; lower it or raise search.max_epochs")
-    # Metric and mode come from TuneConfig; ASHA rejects them when set in both places.
-    # Ray Train ends a trial after max_epochs anyway; with stop_last_trials=False Tune
-    # lets such a trial return by itself in place of ending its process.
+    # Metric and mode come from TuneConfig, because ASHA rejects them when set in both places.
+    # Ray Train ends a trial after max_epochs anyway. With stop_last_trials=False, Tune
+    # does not end a trial's process only because it reached max_t, so a trial that
+    # passes its last rung returns by itself.
     return ASHAScheduler(
         time_attr=EPOCHS_DONE,
         max_t=max_epochs,
@@ -414,19 +422,30 @@ def _check_unchanged(experiment_dir: Path, space: SearchSpace, base: PipelineCon
     """Raise ConfigError where a resumed search would run with other settings than it started with.
 
     Tune restores the sampler, scheduler and trial count from its own state, so a
-    changed space file or search flag would be ignored without this check.
+    changed space file or search flag would be ignored without this check. Settings
+    and config fields that the record lacks, because the code gained them since,
+    keep their current values with a warning.
     """
     recorded_path = experiment_dir / SETTINGS_FILE
     recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else {}
-    changes = _differences(recorded, space.describe())
+    # A searched or fixed key that was added or removed is a change, but a search
+    # setting missing from the record is one that the code gained since.
+    unrecorded = sorted(key for key in space.describe().keys() - recorded.keys() if key.startswith("search."))
+    current = {key: value for key, value in space.describe().items() if key not in unrecorded}
+    changes = _differences(recorded, current)
 
     base_path = experiment_dir / BASE_CONFIG_FILE
     if base_path.is_file():
-        started_with = flatten_config_dict(yaml.safe_load(base_path.read_text(encoding="utf-8")))
-        now = flatten_config_dict(config_to_dict(base))
-        trial_sections = tuple(f"{section}." for section in ("detector", "train_detector"))
-        changes += [change for change in _differences(started_with, now) if change.startswith(trial_sections)]
+        # Trials use these sections, and their sampled keys override the base values.
+        searched = {parameter.key for parameter in space.parameters}
+        started_with = _trial_settings(yaml.safe_load(base_path.read_text(encoding="utf-8")), searched)
+        now = _trial_settings(config_to_dict(base), searched)
+        unrecorded += sorted(started_with.keys() ^ now.keys())
+        shared = started_with.keys() & now.keys()
+        changes += _differences({k: started_with[k] for k in shared}, {k: now[k] for k in shared})
 
+    if unrecorded:
+        logger.warning("resuming the search in %s with settings that it did not record when it started: %s", experiment_dir, ", ".join(unrecorded))
     if changes:
         raise ConfigError(
             f"the search in {experiment_dir} started with other settings ({'; '.join(changes[:5])}); "
@@ -434,8 +453,14 @@ def _check_unchanged(experiment_dir: Path, space: SearchSpace, base: PipelineCon
         )
 
 
+def _trial_settings(config: dict[str, Any], searched: set[str]) -> dict[str, str]:
+    flat = flatten_config_dict(config)
+    return {key: value for key, value in flat.items() if key.startswith(("detector.", "train_detector.")) and key not in searched}
+
+
 def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    return [f"{key}: {before.get(key)} -> {after.get(key)}" for key in sorted(set(before) | set(after)) if str(before.get(key)) != str(after.get(key))]
+    """List the keys whose values differ, as 'key: before -> after'; a missing key reads None."""
+    return [f"{key}: {before.get(key)} -> {after.get(key)}" for key in sorted(before.keys() | after.keys()) if str(before.get(key)) != str(after.get(key))]
 
 
 # ---- MLflow runs: the parent run of the search and one child run per trial ----

@@ -36,7 +36,7 @@ SEARCHABLE_SECTIONS = ("detector", "train_detector")
 RESERVED_KEYS = {
     "train_detector.name": "each trial trains under the name det-<trial id>",
     "train_detector.storage_path": "each trial stores its run under <workdir>/tune/<name>/trials",
-    "train_detector.epochs": "set search.max_epochs instead; it is also the scheduler's max_t",
+    "train_detector.epochs": "search.max_epochs sets it, together with the scheduler's max_t",
 }
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGORITHMS = ("random", "optuna")
@@ -48,18 +48,18 @@ class SearchSettings:
     """Search settings: trial count, concurrency, scheduler, search algorithm and resources."""
 
     num_samples: int = 3
-    # Trials that run at once; each one starts its own Ray Train run.
+    # Trials that run at once, each with its own Ray Train run.
     max_concurrent_trials: int = 1
     # Metric reported by the detector's training loop after every epoch, and its direction.
     metric: str = "val_froc"
     mode: str = "max"
-    # "asha" stops trials early (asynchronous successive halving); "fifo" runs every trial to max_epochs.
+    # "asha" stops trials early (asynchronous successive halving), and "fifo" runs every trial to max_epochs.
     scheduler: str = "asha"
     # ASHA: epochs a trial runs before it can be stopped, and the fraction (1 / reduction_factor)
     # of trials that pass each rung.
     grace_period: int = 1
     reduction_factor: float = 2.0
-    # Epochs per trial, also ASHA's max_t; 0 takes train_detector.epochs from the pipeline config.
+    # Epochs per trial, also ASHA's max_t. 0 takes train_detector.epochs from the pipeline config.
     max_epochs: int = 0
     # "random" (Tune's BasicVariantGenerator) or "optuna" (OptunaSearch, TPE sampler).
     search_alg: str = "random"
