@@ -56,7 +56,7 @@ STAGE_TIMEOUT_S = 300
 
 @dataclass
 class Baseline:
-    """Outputs of the whole pipeline on the cluster, without a fault."""
+    """The run without a fault: its config (output folders included) and the training workers' nodes."""
 
     config: PipelineConfig
     worker_nodes: dict[str, list[str]]

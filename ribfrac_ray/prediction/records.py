@@ -1,9 +1,10 @@
 """Per-scan records of written predictions, and the submission CSV built from them.
 
 Each finished scan has ``<out_dir>/.ribfrac-ray/<public_id>.json`` with its CSV
-rows and the ids of the Ray nodes that ran its detector and segmenter. The record is written after the NIfTI file, so a scan counts as done only
-when both exist. The CSV is rebuilt from all records at the end of every run, so
-a run that skips finished scans still writes their rows.
+rows and the ids of the Ray nodes that ran its detector and segmenter. The record
+is written after the NIfTI file, so a scan counts as done only when both exist.
+The CSV is rebuilt from all records at the end of every run, so a run that skips
+finished scans still writes their rows.
 """
 
 from __future__ import annotations
