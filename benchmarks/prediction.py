@@ -292,9 +292,7 @@ def _add_rows(section: Section, context: Context, compared: dict, no_overlap: di
     for role in ("detector", "segmenter"):
         workers = pipelines[n_large][f"{role}_workers"]
         if workers:
-            rows.append(Row(f"Ray {role} actor: peak RSS (idle RSS at start)",
-                            f"{megabytes(max(w['peak'] for w in workers))} "
-                            f"({megabytes(min(w['baseline'] for w in workers))})"))
+            rows.append(Row(f"Ray {role} actor: peak RSS", megabytes(max(w["peak"] for w in workers))))
     small, large = pipelines[2]["peak_rss_mb"], pipelines[n_large]["peak_rss_mb"]
     rows.append(Row(f"driver peak RSS with 2 / {n_large} scans", f"{megabytes(small)} / {megabytes(large)}",
                     target="flat as scans grow (< 10% growth)", status=check(large - small < 0.1 * small)))

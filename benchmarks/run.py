@@ -115,13 +115,12 @@ def _run_section(name: str, context: Context) -> Section:
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    parts = ["python -m benchmarks.run"]
+    """Return the command that regenerates the whole page (``--only`` left out)."""
+    parts = ["python", "-m", "benchmarks.run"]
     if args.official:
         parts += ["--official", "PATH/TO/RibFrac-Challenge"]
     if args.quick:
         parts.append("--quick")
-    if list(args.only) != list(SECTIONS):
-        parts += ["--only", *args.only]
     if args.repetitions:
         parts += ["--repetitions", str(args.repetitions)]
     return " ".join(shlex.quote(part) if "/" not in part else part for part in parts)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +42,10 @@ BATCH_SIZE = 4
 # Patches are 64^3 and 32^3 whatever the scan size, so the patches of two scans
 # give epochs long enough to time and short enough for the time budget.
 TRAINING_SCANS = 2
+# One torch thread on both sides. With two, OpenMP threads wait on each other at
+# every operation, and on a machine loaded by other processes that waiting made
+# epoch times swing by up to 50x between identical epochs.
+TORCH_THREADS = 1
 ANCHOR_SHAPES = [[6.0, 6.0, 4.0], [10.0, 10.0, 6.0], [16.0, 16.0, 10.0]]
 
 
@@ -198,7 +201,7 @@ def run(context: Context) -> Section:
     scans = make_subset(context.data_dir, TRAINING_SCANS, scratch / f"subset-{TRAINING_SCANS}")
     counts = run_in_child("benchmarks.training:make_patches", {"data_dir": str(scans), "out_dir": patch_dir},
                           context.log_path)
-    threads = os.cpu_count() or 1
+    threads = TORCH_THREADS
     epochs = QUICK_EPOCHS if context.size.name == "quick" else EPOCHS
     plain_epochs = {kind: max(2, count - 1) for kind, count in epochs.items()}
     args = {"patch_dir": patch_dir, "threads": threads}
@@ -225,8 +228,8 @@ def run(context: Context) -> Section:
         ]
     section.rows.append(Row("ray.init", seconds(ray_run["init_seconds"])))
     section.notes += [
-        f"Batch size {BATCH_SIZE}, AdamW, {threads} torch threads on both sides (the product's default: the node's "
-        "cores divided by its workers). Ray Train uses one worker of 1 CPU on a local Ray instance with 2 CPUs.",
+        f"Batch size {BATCH_SIZE}, AdamW, {threads} torch thread(s) on both sides (`train_*.torch_threads`). Ray "
+        "Train uses one worker of 1 CPU on a local Ray instance with 2 CPUs.",
         f"Epochs: Ray Train {epochs['detector']} (detector) and {epochs['segmenter']} (segmenter); the plain loop "
         f"runs {plain_epochs['detector']} and {plain_epochs['segmenter']}, once before and once after Ray Train, and "
         "its rate is the mean of both runs.",

@@ -1,9 +1,9 @@
 """The demo as a Ray job, submitted the way the README shows, to a ``ray start`` head node on 127.0.0.1.
 
 The head node runs as ``ray start --head --block`` in a session of its own, with
-a private temp folder and home folder (where ``ray get-auth-token --generate``
-writes the token), and is stopped by sending SIGTERM to that process, never
-with ``ray stop``, which would stop every Ray instance on the machine.
+a private temp folder and a private home folder, where ``ray get-auth-token
+--generate`` writes the token. The test stops it by sending SIGTERM to that
+process, never with ``ray stop``, which would stop every Ray instance on the machine.
 """
 
 from __future__ import annotations
@@ -67,15 +67,32 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
+def _session_pids(session_id: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def _stop(process: subprocess.Popen) -> None:
-    """Stop ``ray start --block`` and the Ray processes it started; kill what remains after the timeout."""
+    """Stop ``ray start --block`` and the Ray processes it started, and kill what remains after the timeout."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session_pids(process.pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -81,7 +81,6 @@ class InstanceStitcher:
         Returns the uint8 instance volume (ids 1..n, at most 255, ordered by
         confidence) and ``[(label_id, confidence in [0, 1]), ...]``.
         """
-        labels = np.zeros(self.shape, np.uint8)
         level = np.uint8(min(255, round(threshold * 255)))
         # Label only the box around the foreground, and reduce over foreground voxels
         # alone. Over the whole volume, np.bincount and ndimage.maximum would make
@@ -89,15 +88,17 @@ class InstanceStitcher:
         # Cropping keeps the components and their order, as cc3d numbers them in raster order.
         window = ndimage.find_objects((self.probability >= level).view(np.uint8))
         if not window:
-            return labels, []
+            return np.zeros(self.shape, np.uint8), []
         window = window[0]
         foreground = self.probability[window] >= level
         components = cc3d.connected_components(foreground, connectivity=26)
         count = int(components.max())
         component_of_voxel = components[foreground]
+        scores = self.score[window][foreground]
+        del foreground
         sizes = np.bincount(component_of_voxel, minlength=count + 1)[1:]
         best_score = np.zeros(count + 1, np.uint8)
-        np.maximum.at(best_score, component_of_voxel, self.score[window][foreground])
+        np.maximum.at(best_score, component_of_voxel, scores)
         confidence = best_score[1:] / 255.0
         large = [i for i in np.argsort(-confidence, kind="stable") if sizes[i] >= min_voxels][:MAX_INSTANCES]
 
@@ -106,7 +107,11 @@ class InstanceStitcher:
         for new_id, position in enumerate(large, start=1):
             lookup[position + 1] = new_id
             records.append((new_id, float(confidence[position])))
-        labels[window] = lookup[components]
+        # The uint32 components are the largest array here, so they go before the output is allocated.
+        labels_in_window = lookup[components]
+        del components
+        labels = np.zeros(self.shape, np.uint8)
+        labels[window] = labels_in_window
         return labels, records
 
 
