@@ -107,7 +107,7 @@ def make_evaluation_folders(data_dir: Path, dest: Path, seed: int = 0) -> tuple[
 
     The ground-truth folder links the label files and contains the info CSV, as the
     official evaluator expects. Each ground-truth instance is kept, dropped, shifted
-    by up to 6 voxels, dilated or split in two; each scan also gets 2 to 11 spherical
+    by up to 6 voxels, dilated or split in two. Each scan also gets 2 to 11 spherical
     false positives. Confidences are random with two decimals, so some equal the
     thresholds 0.00..0.99 exactly, and label codes are random.
     """

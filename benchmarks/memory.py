@@ -74,9 +74,9 @@ class RayWorkerMonitor:
 
     A Ray worker's command line is its process title, ``ray::<task or actor>``, which
     changes as it takes work; every title seen is kept. ``baseline`` is the RSS at
-    the first sample: the idle size of a worker that already ran a task, or the
-    bare process of one that starts during the run. Use as a context manager
-    around the measured run.
+    the first sample. For a worker that already ran a task, that is its idle size,
+    and for a worker that starts during the run, the bare process before imports.
+    Use as a context manager around the measured run.
     """
 
     def __init__(self, interval_s: float = 0.2):
