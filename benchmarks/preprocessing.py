@@ -17,6 +17,7 @@ apart from the steady state, a second run over every scan in the same Ray instan
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -257,6 +258,9 @@ def run(context: Context) -> Section:
         f"{baselines['loop_scans']} scans only, to save time), Ray with 1 CPU, Ray with 2 CPUs, floor again; the "
         "floor row shows its first and last run, and the ratios use their mean.",
         "Each Ray run is a fresh local instance (`ray.init(num_cpus=N)`) with `PreprocessConfig.num_tasks = N`.",
+        f"The floor runs in one process. With {max(rays)} tasks on a machine of {os.cpu_count()} cores, the Ray "
+        "driver, raylet and GCS processes share the same cores with the tasks, which a single floor process does "
+        "not have to do.",
     ]
     return section
 

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page", type=Path, default=None,
                         help="results page to write (default: docs/benchmarks.md, or "
                              "benchmarks/results/benchmarks-quick.md with --quick)")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the page from the stored results (results-<size>.json) without measuring")
     parser.add_argument("--repetitions", type=int, default=None,
                         help="official evaluator runs, and scans in the in-process prediction comparison (default: 1)")
     return parser.parse_args(argv)
@@ -59,30 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     page = args.page or (results_dir / "benchmarks-quick.md" if args.quick else REPOSITORY / "docs" / "benchmarks.md")
     log_path = results_dir / f"log-{size.name}.txt"
-    log_path.write_text("")
-
     raw_path = results_dir / f"results-{size.name}.json"
     earlier = _earlier_sections(raw_path)
-    started = time.perf_counter()
-    with LoadMonitor() as load:
-        data_dir = ensure_phantoms(results_dir, size)
+
+    ran: dict[str, Section] = {}
+    if not args.render:
+        log_path.write_text("")
         context = Context(
             size=size,
-            data_dir=data_dir,
+            data_dir=ensure_phantoms(results_dir, size),
             results_dir=results_dir,
             log_path=log_path,
             repetitions=args.repetitions or 1,
             official=args.official.resolve() if args.official else None,
         )
         ran = {name: _run_section(name, context) for name in SECTIONS if name in args.only}
-    total = time.perf_counter() - started
 
     sections = [ran.get(name) or earlier[name] for name in SECTIONS if name in ran or name in earlier]
     machine = describe_machine()
-    print(format_console([ran[name] for name in SECTIONS if name in ran]))
+    print(format_console(sections))
     command = _command_line(args)
-    text = format_markdown(sections, machine, command, f"{size.describe()}, {size.n_scans} scans",
-                           load.summary(), total, GPU_NOTE)
+    text = format_markdown(sections, machine, command, f"{size.describe()}, {size.n_scans} scans", GPU_NOTE)
     write_markdown(page, text)
     raw_path.write_text(json.dumps({"machine": machine, "sections": [asdict(s) for s in sections]}, indent=1,
                                    default=str))
@@ -115,10 +114,8 @@ def _run_section(name: str, context: Context) -> Section:
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    """Return the command that regenerates the whole page (``--only`` left out)."""
-    parts = ["python", "-m", "benchmarks.run"]
-    if args.official:
-        parts += ["--official", "PATH/TO/RibFrac-Challenge"]
+    """Return the command that regenerates the whole page, with the official evaluator (``--only`` left out)."""
+    parts = ["python", "-m", "benchmarks.run", "--official", "PATH/TO/RibFrac-Challenge"]
     if args.quick:
         parts.append("--quick")
     if args.repetitions:

@@ -108,12 +108,11 @@ def _fill_component_ious(gt: np.ndarray, pred: np.ndarray, iou_matrix: np.ndarra
 
     Returns the intersection and union voxel counts of the binary masks.
     """
+    window = _union_box(gt, pred)
+    gt, pred = gt[window], pred[window]
     gt_mask = gt > 0
     pred_mask = pred > 0
     union_mask = gt_mask | pred_mask
-    window = _bounding_box(union_mask)
-    gt, pred = gt[window], pred[window]
-    gt_mask, pred_mask, union_mask = gt_mask[window], pred_mask[window], union_mask[window]
     intersection_mask = gt_mask & pred_mask
 
     # Cropping to the union's box keeps the components and their C order.
@@ -161,11 +160,15 @@ def _count_labels(volume: np.ndarray, minlength: int = 1) -> np.ndarray:
     return counts
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """Return the slices of the smallest box that contains every True voxel of ``mask``."""
+def _union_box(gt: np.ndarray, pred: np.ndarray) -> tuple[slice, ...]:
+    """Return the slices of the smallest box that contains every nonzero voxel of ``gt`` and ``pred``.
+
+    ``np.any`` reduces the volumes directly, so no whole-volume mask is allocated.
+    At least one voxel must be nonzero.
+    """
     window = []
-    for axis in range(mask.ndim):
-        other_axes = tuple(a for a in range(mask.ndim) if a != axis)
-        occupied = np.flatnonzero(mask.any(axis=other_axes))
+    for axis in range(gt.ndim):
+        other_axes = tuple(a for a in range(gt.ndim) if a != axis)
+        occupied = np.flatnonzero(np.any(gt, axis=other_axes) | np.any(pred, axis=other_axes))
         window.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
     return tuple(window)

@@ -7,7 +7,8 @@ offending value and what to do; callers turn it into a per-case failure record.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from ribfrac_ray.boxes import find_objects_in_memory_order
 
 from ribfrac_ray.io.nifti import VolumeError, VolumeGeometry
 
@@ -81,7 +82,8 @@ def check_label(
 def _check_ids_against_csv(label_path: str, label: np.ndarray, codes: dict[int, int], info_csv: str) -> None:
     # find_objects makes one pass without copies. np.bincount would cast a flattened
     # copy of the volume to int64, 629 MB for 512 x 512 x 300 voxels.
-    present = {label_id for label_id, found in enumerate(ndimage.find_objects(label), start=1) if found is not None}
+    found = find_objects_in_memory_order(label)
+    present = {label_id for label_id, box in enumerate(found, start=1) if box is not None}
     listed = set(codes) - {0}
     missing_rows = sorted(present - listed)
     missing_voxels = sorted(listed - present)
