@@ -37,6 +37,23 @@ def grid_origins(shape: Triple, patch: Triple, overlap: float) -> np.ndarray:
     return np.stack([m.ravel() for m in mesh], axis=1).astype(np.int64)
 
 
+def windows_reaching(volume: np.ndarray, origins: np.ndarray, size: Triple, threshold: float) -> np.ndarray:
+    """Return the rows of ``origins`` (n, 3) whose window holds a voxel of at least ``threshold``.
+
+    ``volume`` is (X, Y, Z) in its own units (HU for CT). The part of a window that
+    lies outside the volume counts as below the threshold.
+    """
+    origins = np.asarray(origins, np.int64).reshape(-1, 3)
+    keep = np.zeros(len(origins), bool)
+    for index, origin in enumerate(origins):
+        low = np.maximum(origin, 0)
+        high = np.minimum(origin + np.asarray(size), volume.shape)
+        if np.all(high > low):
+            window = volume[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+            keep[index] = window.max() >= threshold
+    return origins[keep]
+
+
 def extract_patch(volume: np.ndarray, origin: np.ndarray | Triple, size: Triple, fill: float = 0) -> np.ndarray:
     """Cut ``volume[o:o+s]`` per axis, padding with ``fill`` where the patch leaves the volume."""
     origin = np.asarray(origin, np.int64)

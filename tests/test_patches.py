@@ -11,6 +11,7 @@ from ribfrac_ray.patches import (
     grid_origins,
     negative_origins,
     window_starts,
+    windows_reaching,
 )
 
 
@@ -89,3 +90,17 @@ def test_box_iou_values():
     first = np.array([[0, 0, 0, 2, 2, 2]], np.float32)
     second = np.array([[1, 0, 0, 3, 2, 2], [5, 5, 5, 6, 6, 6]], np.float32)
     assert box_iou(first, second)[0].tolist() == pytest.approx([4 / 12, 0.0])
+
+
+def test_windows_reaching_keeps_only_windows_with_a_bright_voxel():
+    volume = np.full((96, 64, 64), -1000, np.int16)
+    volume[70, 10, 10] = 700  # one bone voxel near the far x end
+    origins = grid_origins(volume.shape, (32, 32, 32), 0.0)
+    kept = windows_reaching(volume, origins, (32, 32, 32), 200)
+    assert kept.tolist() == [[64, 0, 0]]
+
+    # Windows partly outside the volume are judged on their inside part.
+    shifted = np.asarray([[60, -16, -16], [-40, -40, -40]])
+    assert windows_reaching(volume, shifted, (32, 32, 32), 200).tolist() == [[60, -16, -16]]
+    assert len(windows_reaching(volume, origins, (32, 32, 32), 701)) == 0
+    assert len(windows_reaching(volume, origins, (32, 32, 32), -1024)) == len(origins)

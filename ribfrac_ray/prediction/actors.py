@@ -19,7 +19,7 @@ from ribfrac_ray.config import PredictConfig, WindowConfig
 from ribfrac_ray.intensity import apply_window
 from ribfrac_ray.io.nifti import VolumeError, VolumeGeometry, load_volume, save_like
 from ribfrac_ray.io.validate import check_image
-from ribfrac_ray.patches import crop_origin, extract_patch, grid_origins
+from ribfrac_ray.patches import crop_origin, extract_patch, grid_origins, windows_reaching
 from ribfrac_ray.prediction.merge import InstanceStitcher, merge_patch_detections
 from ribfrac_ray.runtime import current_node_id
 
@@ -118,7 +118,9 @@ class DetectorActor:
         from ribfrac_ray.models.detector import detect
 
         patch = tuple(self.config.patch_size)
-        origins = grid_origins(tuple(image.shape), patch, self.config.overlap)
+        grid = grid_origins(tuple(image.shape), patch, self.config.overlap)
+        origins = windows_reaching(image, grid, patch, self.config.bone_hu)
+        logger.debug("detector windows: %d of %d hold bone (>= %g HU)", len(origins), len(grid), self.config.bone_hu)
         per_patch: list[tuple[np.ndarray, np.ndarray]] = []
         for start in range(0, len(origins), self.config.patch_batch_size):
             chunk = origins[start : start + self.config.patch_batch_size]
