@@ -132,7 +132,7 @@ def compare_in_process(image_paths: list[str], detector_path: str, segmenter_pat
 
     from ribfrac_ray.config import PredictConfig, WindowConfig
     from ribfrac_ray.models import load_segmenter
-    from ribfrac_ray.patches import grid_origins
+    from ribfrac_ray.patches import grid_origins, windows_reaching
     from ribfrac_ray.prediction.actors import SegmenterActor
 
     config = PredictConfig(detector_checkpoint=detector_path, segmenter_checkpoint=segmenter_path, overlap=overlap)
@@ -160,12 +160,14 @@ def compare_in_process(image_paths: list[str], detector_path: str, segmenter_pat
                                             f"{out_dir}/one-stage/{public_id}.nii.gz")
         scans.append(scan)
 
-    from ribfrac_ray.io.nifti import load_geometry
+    from ribfrac_ray.io.nifti import load_volume
 
-    shape = load_geometry(image_paths[0]).canonical_shape
+    image, _ = load_volume(image_paths[0], kind="image")
+    grid = grid_origins(image.shape, tuple(config.patch_size), overlap)
     return {"scans": scans, "baseline_rss_mb": baseline, "threads": torch.get_num_threads(),
-            "patch_batch_size": config.patch_batch_size,
-            "windows": len(grid_origins(shape, tuple(config.patch_size), overlap))}
+            "patch_batch_size": config.patch_batch_size, "windows": len(grid),
+            "detector_windows": len(windows_reaching(image, grid, tuple(config.patch_size), config.bone_hu)),
+            "bone_hu": config.bone_hu}
 
 
 def _measure(function: Any, *args: Any) -> tuple[Any, dict[str, float]]:
@@ -263,7 +265,8 @@ def _add_rows(section: Section, context: Context, compared: dict, no_overlap: di
         Row(f"seconds per scan, overlap 0.25 ({compared['windows']} windows of 64^3, median of {count} scans)",
             seconds(two_stage), seconds(one_stage), ratio(speedup), f">= {SPEED_TARGET:g}x faster",
             check(speedup >= SPEED_TARGET)),
-        Row("  detector (read, 64^3 patches, box merge, crops)", f"{seconds(detector)} ({detector / two_stage:.0%})"),
+        Row(f"  detector (read, {compared['detector_windows']} windows with bone, box merge, crops)",
+            f"{seconds(detector)} ({detector / two_stage:.0%})"),
         Row(f"  segmenter ({compared['scans'][0]['boxes']} crops of 32^3, labelling, write)",
             f"{seconds(segmenter)} ({segmenter / two_stage:.0%})"),
     ]
@@ -297,12 +300,15 @@ def _add_rows(section: Section, context: Context, compared: dict, no_overlap: di
     rows.append(Row(f"driver peak RSS with 2 / {n_large} scans", f"{megabytes(small)} / {megabytes(large)}",
                     target="flat as scans grow (< 10% growth)", status=check(large - small < 0.1 * small)))
     section.rows += rows
-    windows = compared["windows"]
+    windows, gated = compared["windows"], compared["detector_windows"]
     section.notes.append(
-        f"Per 64^3 window, the detector stage takes {detector / windows * 1000:.0f} ms and the one-stage U-Net "
-        f"{one_stage / windows * 1000:.0f} ms, reading and writing included. Both visit the same {windows} windows "
-        f"at overlap 0.25, so the two-stage speedup stays below {one_stage / detector:.2f}x however cheap the "
-        "segmenter is."
+        f"Both methods cut the scan into the same grid of {windows} windows at overlap 0.25. The one-stage U-Net "
+        f"runs on all of them ({one_stage / windows * 1000:.0f} ms per window, reading and writing included); the "
+        f"detector runs only on the {gated} ({gated / windows:.0%}) whose brightest voxel reaches "
+        f"`predict.bone_hu` = {compared['bone_hu']:g} HU ({detector / max(gated, 1) * 1000:.0f} ms per window, "
+        "reading, the bone test over every window, box merging and crops included). A window without bone "
+        "cannot hold a rib fracture. NOTE: real scans with contrast agent or a dense table keep more windows "
+        "than these phantoms."
     )
     section.notes += [
         f"{compared['threads']} torch thread(s) per process; the detector and the one-stage U-Net take batches of "

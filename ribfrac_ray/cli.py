@@ -152,12 +152,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ribfrac-ray: invalid configuration: {error}", file=sys.stderr)
         return 2
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for child processes);
+    # put the caller's value back, so a second main() in this process with another
+    # --workdir does not log into this command's store.
+    caller_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         return run_command(args, config)
     except (FileNotFoundError, ValueError, ConfigError) as error:
         logger.error("%s", error)
         print(f"ribfrac-ray {args.command}: {error}", file=sys.stderr)
         return 1
+    finally:
+        if caller_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = caller_uri
 
 
 def run_command(args: argparse.Namespace, config: PipelineConfig) -> int:

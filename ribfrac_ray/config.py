@@ -143,6 +143,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 4
     lr: float = 1e-3
+    # "constant" keeps lr throughout. "cosine" lowers it from lr at the first epoch
+    # towards 5% of it at the last, set per epoch, so a resumed run continues the
+    # same curve. On the demo phantoms, 30 cosine epochs gave the detector a lower
+    # best validation FROC (0.52) than 20 constant ones did (0.70 and 0.79).
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-5
     max_failures: int = 2
     num_to_keep: int = 2

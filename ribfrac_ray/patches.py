@@ -38,7 +38,7 @@ def grid_origins(shape: Triple, patch: Triple, overlap: float) -> np.ndarray:
 
 
 def windows_reaching(volume: np.ndarray, origins: np.ndarray, size: Triple, threshold: float) -> np.ndarray:
-    """Return the rows of ``origins`` (n, 3) whose window holds a voxel of at least ``threshold``.
+    """Return the rows of ``origins`` (n, 3) whose window contains a voxel of at least ``threshold``.
 
     ``volume`` is (X, Y, Z) in its own units (HU for CT). The part of a window that
     lies outside the volume counts as below the threshold.

@@ -1,5 +1,7 @@
 """NIfTI reading in canonical orientation and writing back in the file's own layout."""
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -79,3 +81,31 @@ def test_save_like_rejects_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         save_like(np.zeros((4, 5, 7), np.uint8), geometry, tmp_path / "b.nii.gz")
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<f4", "u1"])
+def test_gzip_reader_matches_nibabel(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    voxels = rng.integers(0, 120, size=(21, 17, 9)).astype(dtype)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, np.diag([0.7, 0.7, 1.25, 1.0])), path)
+
+    loaded, _ = load_volume(path)
+    expected = np.asarray(nib.load(path).dataobj.get_unscaled())
+    assert loaded.dtype == expected.dtype
+    np.testing.assert_array_equal(loaded, expected)
+
+    # A singleton fourth axis reads as the same 3D volume.
+    single = tmp_path / "single.nii.gz"
+    nib.save(nib.Nifti1Image(voxels[..., None], np.diag([0.7, 0.7, 1.25, 1.0])), single)
+    np.testing.assert_array_equal(load_volume(single)[0], expected)
+
+
+def test_gzip_reader_reports_missing_voxel_bytes(tmp_path):
+    # A complete gzip stream that holds a full header but too few voxel bytes.
+    full = tmp_path / "full.nii"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.int16), np.eye(4)), full)
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(gzip.compress(full.read_bytes()[:-100]))
+    with pytest.raises(VolumeError, match="short.nii.gz.*truncated or corrupt voxel data"):
+        load_volume(short)

@@ -62,3 +62,23 @@ def test_stage_run_logs_config_and_marks_failure(tmp_path):
     artifacts = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts
     assert os.path.isdir(tmp_path / "mlartifacts")
+
+
+def test_cli_leaves_the_callers_tracking_uri_alone(tmp_path, monkeypatch):
+    from ribfrac_ray import cli
+
+    # The evaluate command configures MLflow first, then fails on the missing folders.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "first")]) == 1
+    assert (tmp_path / "first" / "mlflow.db").is_file()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+    # A second command in the same process with another workdir gets its own store.
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "second")]) == 1
+    assert (tmp_path / "second" / "mlflow.db").is_file()
+
+    outer = f"sqlite:///{tmp_path / 'outer.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outer)
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "third")]) == 1
+    assert os.environ["MLFLOW_TRACKING_URI"] == outer
+    assert not (tmp_path / "third" / "mlflow.db").exists()

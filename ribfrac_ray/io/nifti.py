@@ -21,6 +21,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+try:
+    from isal import igzip
+except ImportError:  # pragma: no cover - isal is a dependency; nibabel's zlib reader is the fallback
+    igzip = None
+
 from ribfrac_ray.io.atomic import atomic_write_with
 
 # Spacing outside this range (mm) is almost certainly a broken header, not a CT scan.
@@ -185,11 +190,37 @@ def _read_data(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     try:
         proxy = image.dataobj
         slope_inter = (getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0))
-        if slope_inter in ((1.0, 0.0), (None, None)):
-            return np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
-        return np.asarray(image.get_fdata(dtype=np.float32))
+        if slope_inter not in ((1.0, 0.0), (None, None)):
+            return np.asarray(image.get_fdata(dtype=np.float32))
+        if igzip is not None and path.name.endswith(".gz"):
+            return _read_gzip_voxels(path, image)
+        return np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
     except (EOFError, OSError, zlib.error, ValueError) as error:
         raise VolumeError(path, f"truncated or corrupt voxel data ({error})", "download or export the file again") from error
+
+
+def _read_gzip_voxels(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """Decompress the unscaled voxels of a ``.nii.gz`` with ISA-L straight into their array.
+
+    Returns a Fortran-ordered array of the header's shape and on-disk dtype, as
+    nibabel would. Decompression is most of the cost of reading a CT volume, and
+    ISA-L's inflate is about three times faster than zlib's, which nibabel uses.
+    """
+    # The image's header copy can store vox_offset 0, but the array proxy keeps the real offset.
+    proxy = image.dataobj
+    data = np.empty(proxy.shape, dtype=proxy.dtype, order="F")
+    # The transpose of a Fortran-ordered array is C-contiguous over the same bytes,
+    # which are in NIfTI's on-disk order (first axis fastest).
+    target = memoryview(data.T).cast("B")
+    with igzip.open(path, "rb") as stream:
+        stream.seek(int(proxy.offset))
+        filled = 0
+        while filled < len(target):
+            count = stream.readinto(target[filled:])
+            if not count:
+                raise EOFError(f"the file ends after {filled} of {len(target)} bytes of voxel data")
+            filled += count
+    return data
 
 
 def _check_spacing(path: Path, geometry: VolumeGeometry) -> None:

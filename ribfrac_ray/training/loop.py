@@ -73,14 +73,40 @@ def run_training(config: dict[str, Any], spec: NetworkSpec) -> None:
 
     for epoch in range(start_epoch, int(config["epochs"])):
         started = time.perf_counter()
+        lr = epoch_learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         train_metrics = _train_epoch(model, spec, train_shard, optimizer, config)
         # start_epoch is above 0 when this attempt resumed from a checkpoint.
-        metrics = {"epoch": epoch, "start_epoch": start_epoch, **train_metrics}
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, "lr": lr, **train_metrics}
         if rank == 0:
             metrics.update(spec.validate(eval_model, val_shard, config))
         metrics["epoch_seconds"] = time.perf_counter() - started
         history.append(metrics)
         _report(metrics, history, saved_module, optimizer, spec, config, rank, worker_nodes)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+# Share of ``lr`` that the cosine schedule reaches at the end of the last epoch.
+COSINE_FINAL_FRACTION = 0.05
+
+
+def epoch_learning_rate(config: dict[str, Any], epoch: int) -> float:
+    """Return the learning rate of 0-based ``epoch`` under ``config['lr_schedule']``.
+
+    The rate depends on the epoch alone, so a run resumed from a checkpoint
+    continues the curve where the lost attempt left it.
+    """
+    base = float(config["lr"])
+    schedule = config.get("lr_schedule", "constant")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        return base
+
+    final = base * COSINE_FINAL_FRACTION
+    progress = epoch / max(1, int(config["epochs"]))
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
 
 
 def _worker_node_ids() -> list[str]:

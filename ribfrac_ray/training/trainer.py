@@ -22,6 +22,7 @@ import ray
 from ribfrac_ray.config import DetectorConfig, PipelineConfig, TrainConfig, config_to_dict
 from ribfrac_ray.models.anchors import expand_anchor_shapes, plan_anchor_shapes
 from ribfrac_ray.preprocess import read_manifest
+from ribfrac_ray.training.loop import epoch_learning_rate
 from ribfrac_ray.training.networks import LOOPS, SPECS
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def train_network(
     spec = SPECS[kind]
     _check_cpu_budget(train)
     _check_placement_strategy(train)
+    epoch_learning_rate(asdict(train), 0)  # rejects an unknown lr_schedule before Ray starts anything
 
     anchors = plan_anchors(config.detector, train.patch_dir) if kind == "detector" else None
     values = loop_config(kind, config, anchors) | (extra_loop_config or {})
