@@ -219,6 +219,10 @@ class RayConfig:
     address: str = ""
     num_cpus: int = 0
     object_store_mb: int = 0
+    # Start a local instance with its dashboard on 127.0.0.1. The dashboard serves
+    # Ray's State API, without which Ray Train's placement-group cleaner logs a
+    # warning every few seconds and cannot free the CPUs of a killed run.
+    include_dashboard: bool = True
 
 
 @dataclass

@@ -25,7 +25,8 @@ def init_ray(config: RayConfig, include_dashboard: bool = False) -> None:
 
     An address from the config or ``RAY_ADDRESS`` (as set inside ``ray job submit``)
     joins that cluster. Otherwise a local instance starts with ``num_cpus`` logical
-    CPUs (0: all cores) and its dashboard off unless ``include_dashboard``. Its
+    CPUs (0: all cores) and its dashboard on where ``include_dashboard`` or
+    ``config.include_dashboard`` asks for it. Its
     node address is 127.0.0.1, so every server it starts binds there (see
     :func:`use_loopback_address`). The dashboard serves Ray's State API, which Ray
     Train needs to free a run's placement group when the run's process is killed,
@@ -40,6 +41,7 @@ def init_ray(config: RayConfig, include_dashboard: bool = False) -> None:
         ray.init(address=address, log_to_driver=True)
         return
 
+    include_dashboard = include_dashboard or config.include_dashboard
     kwargs: dict = {"include_dashboard": include_dashboard, "dashboard_host": LOOPBACK, "log_to_driver": True}
     if include_dashboard:
         port = _free_port()

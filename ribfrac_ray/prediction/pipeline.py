@@ -107,10 +107,12 @@ def _run_pipeline(ray: Any, todo: list[dict[str, str]], config: PredictConfig, w
     settings = asdict(config)
     memory = {"memory": config.actor_memory_mb * 1024 * 1024} if config.actor_memory_mb > 0 else {}
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
+    # One scan per task takes seconds to minutes, so queueing more than one per actor
+    # gains nothing and, with few scans, leaves the other actors idle.
     dataset = dataset.map_batches(
         DetectorActor,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.detector_actors),
+        compute=ray.data.ActorPoolStrategy(size=config.detector_actors, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs={"checkpoint": detector, "config": settings, "window": asdict(window)},
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
@@ -119,7 +121,7 @@ def _run_pipeline(ray: Any, todo: list[dict[str, str]], config: PredictConfig, w
     dataset = dataset.map_batches(
         SegmenterActor,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.segmenter_actors),
+        compute=ray.data.ActorPoolStrategy(size=config.segmenter_actors, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs={"checkpoint": segmenter, "config": settings, "out_dir": str(out_dir)},
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
