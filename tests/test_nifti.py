@@ -102,7 +102,7 @@ def test_gzip_reader_matches_nibabel(tmp_path, dtype):
 
 
 def test_gzip_reader_reports_missing_voxel_bytes(tmp_path):
-    # A complete gzip stream that holds a full header but too few voxel bytes.
+    # A complete gzip stream that contains a full header but too few voxel bytes.
     full = tmp_path / "full.nii"
     nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.int16), np.eye(4)), full)
     short = tmp_path / "short.nii.gz"

@@ -92,12 +92,12 @@ def test_box_iou_values():
     assert box_iou(first, second)[0].tolist() == pytest.approx([4 / 12, 0.0])
 
 
-def test_windows_reaching_keeps_only_windows_with_a_bright_voxel():
+def test_windows_reaching_needs_bright_voxel():
     volume = np.full((96, 64, 64), -1000, np.int16)
     volume[70, 10, 10] = 700  # one bone voxel near the far x end
     origins = grid_origins(volume.shape, (32, 32, 32), 0.0)
-    kept = windows_reaching(volume, origins, (32, 32, 32), 200)
-    assert kept.tolist() == [[64, 0, 0]]
+    bony = windows_reaching(volume, origins, (32, 32, 32), 200)
+    assert bony.tolist() == [[64, 0, 0]]
 
     # Windows partly outside the volume are judged on their inside part.
     shifted = np.asarray([[60, -16, -16], [-40, -40, -40]])
