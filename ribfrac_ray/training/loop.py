@@ -149,6 +149,9 @@ def _train_epoch(model: Any, spec: NetworkSpec, shard: Any, optimizer: torch.opt
     model.train()
     totals: dict[str, float] = {}
     steps = 0
+    # NOTE: every epoch starts a new Ray Data execution of the shard, measured at about
+    # 0.4 s per epoch on 2 CPUs. That is 16% of a 2.3 s segmenter epoch in the benchmark
+    # but well under 1% of an epoch over a full RibFrac training set.
     batches = shard.iter_torch_batches(
         batch_size=int(config["batch_size"]),
         local_shuffle_buffer_size=int(config["shuffle_buffer"]) or None,
