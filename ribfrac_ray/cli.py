@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ribfrac_ray.config import ConfigError, PipelineConfig, resolve_config, resolve_paths, save_config
+from ribfrac_ray.config import MODELS_FOLDER, ConfigError, PipelineConfig, resolve_config, resolve_paths, save_config
 
 logger = logging.getLogger("ribfrac_ray")
 
@@ -177,7 +177,8 @@ def run_command(args: argparse.Namespace, config: PipelineConfig) -> int:
     save_config(config, Path(config.workdir) / f"config-{args.command}.yaml")
     if args.command == "make-phantoms":
         result = stages.make_phantoms_stage(config)
-        print(f"phantoms written to {config.phantoms.out}: {json.dumps(result.metrics)}")
+        counts = {name: int(value) for name, value in result.metrics.items()}
+        print(f"phantoms written to {config.phantoms.out}: {json.dumps(counts)}")
         return 0
     if args.command == "tune":
         from ribfrac_ray.tuning.command import run_tune
@@ -203,7 +204,7 @@ def run_command(args: argparse.Namespace, config: PipelineConfig) -> int:
         results = stages.demo_stage(config)
         strict = config.preprocess.strict or config.predict.strict
 
-    _print_summary(results, config, uri)
+    _print_summary(results, config, uri, args.command)
     failures = [f for r in results for f in r.failures]
     if failures and strict:
         print(f"ribfrac-ray: {len(failures)} case(s) failed and --strict is set", file=sys.stderr)
@@ -211,7 +212,24 @@ def run_command(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
-def _print_summary(results: list[Any], config: PipelineConfig, uri: str) -> None:
+# Output folders that each command names at the end of its summary.
+OUTPUT_FOLDERS = {
+    "preprocess": [("patches", "preprocess.out_dir")],
+    "train": [("models", "models")],
+    "predict": [("predictions", "predict.out_dir")],
+    "evaluate": [("metrics.json and froc.png", "evaluate.out_dir")],
+    "demo": [("predictions", "predict.out_dir"), ("evaluation", "evaluate.out_dir")],
+}
+
+
+def _output_folder(config: PipelineConfig, key: str) -> str:
+    if key == "models":
+        return str(Path(config.workdir) / MODELS_FOLDER)
+    section, name = key.split(".")
+    return str(getattr(getattr(config, section), name))
+
+
+def _print_summary(results: list[Any], config: PipelineConfig, uri: str, command: str) -> None:
     for result in results:
         figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())[:8])
         print(f"{result.stage:<16} {result.seconds:8.1f} s  {figures}")
@@ -224,7 +242,11 @@ def _print_summary(results: list[Any], config: PipelineConfig, uri: str) -> None
             # Reasons from the volume checks start with the file; discovery reasons may not name it.
             where = "" if failure["path"] in failure["reason"] else f"{failure['path']}: "
             print(f"  {failure['public_id']}: {where}{failure['reason']}")
-    print(f"\npredictions: {config.predict.out_dir}")
+    print()
+    for label, key in OUTPUT_FOLDERS.get(command, []):
+        print(f"{label}: {_output_folder(config, key)}")
+    if command == "preprocess" and failures:
+        print(f"failures listed in: {Path(config.preprocess.out_dir) / 'failures.csv'}")
     print(f"MLflow store: {uri}  (browse with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
 
 

@@ -427,7 +427,44 @@ def resolve_config(
         config = apply_mapping(config, load_yaml(yaml_path), source=str(yaml_path))
     if overrides:
         config = apply_mapping(config, parse_overrides(overrides), source="--set")
+    check_values(config)
     return config
+
+
+def check_values(config: PipelineConfig) -> None:
+    """Reject values that type-check but cannot work, naming the key, the value and the fix.
+
+    Raises:
+        ConfigError: the first value out of its range.
+    """
+    window = config.window
+    if window.hu_min >= window.hu_max:
+        raise ConfigError(
+            f"window.hu_min ({window.hu_min:g}) must be below window.hu_max ({window.hu_max:g}); "
+            "CT windows are given as [low, high] in HU, for example -200 and 1000"
+        )
+
+    positive_sizes = {
+        "preprocess.det_patch_size": config.preprocess.det_patch_size,
+        "preprocess.seg_crop_size": config.preprocess.seg_crop_size,
+        "predict.patch_size": config.predict.patch_size,
+        "predict.crop_size": config.predict.crop_size,
+        "phantoms.shape": config.phantoms.shape,
+    }
+    for key, size in positive_sizes.items():
+        if min(size) < 1:
+            raise ConfigError(f"{key} must be at least 1 voxel along each axis, got {list(size)}")
+
+    for section in ("train_detector", "train_segmenter"):
+        train = getattr(config, section)
+        for name in ("epochs", "batch_size", "num_workers"):
+            if getattr(train, name) < 1:
+                raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(train, name)}")
+        if train.lr <= 0:
+            raise ConfigError(f"{section}.lr must be above 0, got {train.lr:g}")
+
+    if not 0.0 <= config.predict.overlap < 1.0:
+        raise ConfigError(f"predict.overlap must lie in [0, 1), got {config.predict.overlap:g}; 0.25 is the default")
 
 
 def save_config(config: Any, path: str | Path) -> None:

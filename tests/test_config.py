@@ -57,3 +57,27 @@ def test_relative_paths_resolve_under_workdir(tmp_path):
     assert config.preprocess.out_dir == str(tmp_path / "patches")
     assert config.predict.out_dir == "/abs/out"
     assert Path(config.predict.detector_checkpoint) == tmp_path / "models" / "detector"
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("window.hu_min=2000", "window.hu_min (2000) must be below window.hu_max (1000)"),
+        ("train_detector.epochs=-3", "train_detector.epochs must be at least 1, got -3"),
+        ("train_segmenter.batch_size=0", "train_segmenter.batch_size must be at least 1, got 0"),
+        ("train_detector.lr=0", "train_detector.lr must be above 0"),
+        ("preprocess.det_patch_size=[0, 64, 64]", "preprocess.det_patch_size must be at least 1 voxel"),
+        ("predict.overlap=1.0", "predict.overlap must lie in [0, 1)"),
+    ],
+)
+def test_out_of_range_value_is_rejected(pair, message):
+    with pytest.raises(ConfigError) as error:
+        resolve_config(None, [pair])
+    assert message in str(error.value)
+
+
+def test_cli_exits_2_on_out_of_range_value(tmp_path, capsys):
+    from ribfrac_ray import cli
+
+    assert cli.main(["preprocess", "--workdir", str(tmp_path), "--set", "window.hu_min=2000"]) == 2
+    assert "window.hu_min (2000) must be below window.hu_max" in capsys.readouterr().err

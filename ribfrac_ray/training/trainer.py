@@ -62,6 +62,12 @@ def plan_anchors(config: DetectorConfig, patch_dir: str | Path) -> list[list[flo
         base = np.asarray(config.anchor_shapes, np.float32)
     else:
         sizes = np.asarray(read_manifest(patch_dir)["box_sizes"], np.float32).reshape(-1, 3)
+        if len(sizes) == 0:
+            raise ValueError(
+                f"the training patches in {patch_dir} contain no fracture boxes, so anchor shapes cannot be "
+                f"planned. Check that preprocessing succeeded (see {Path(patch_dir) / 'failures.csv'}) and that "
+                "the train split has labelled fractures, or set detector.anchor_shapes by hand"
+            )
         base = plan_anchor_shapes(sizes, config.n_anchor_shapes)
         logger.info("planned %d anchor shapes from %d training boxes: %s", len(base), len(sizes), np.round(base, 1).tolist())
     return expand_anchor_shapes(base, config.anchor_scales)
