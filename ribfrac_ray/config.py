@@ -243,6 +243,8 @@ class PipelineConfig:
     # flips it reached 0.49 in a plain loop and 0.72 by epoch 9 under Ray Train.
     # Turn them on (train_detector.augment=true) for training sets large enough to
     # afford the slower start.
+    # NOTE: even without flips, the demo detector's validation FROC stays near 0 for a
+    # varying 6 to 16 of its 20 epochs, so the demo's final score varies between runs.
     train_detector: TrainConfig = field(
         default_factory=lambda: TrainConfig(name="detector", lr=2e-3, augment=False)
     )
