@@ -24,6 +24,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from processes import session_pids
 from ribfrac_ray.io.atomic import TEMP_MARKER
 
 pytestmark = pytest.mark.slow
@@ -67,15 +68,7 @@ class Sessions:
             os.kill(pid, signal.SIGKILL)
 
     def _pids(self) -> list[int]:
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) in self.ids and fields[0] != "Z":
-                pids.append(int(stat.parent.name))
-        return pids
+        return session_pids(self.ids)
 
 
 def _command_line(pid: int) -> str:

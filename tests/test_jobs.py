@@ -24,6 +24,8 @@ import mlflow
 import pandas as pd
 import pytest
 
+from processes import session_pids
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,18 +69,6 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _session_pids(session_id: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _stop(process: subprocess.Popen) -> None:
     """Stop ``ray start --block`` and the Ray processes it started, and kill what remains after the timeout."""
     if process.poll() is None:
@@ -89,9 +79,9 @@ def _stop(process: subprocess.Popen) -> None:
             process.kill()
             process.wait()
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _session_pids(process.pid) and time.monotonic() < deadline:
+    while session_pids({process.pid}) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for pid in _session_pids(process.pid):
+    for pid in session_pids({process.pid}):
         os.kill(pid, signal.SIGKILL)
 
 
