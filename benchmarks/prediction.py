@@ -303,7 +303,7 @@ def _add_rows(section: Section, context: Context, compared: dict, no_overlap: di
     windows, gated = compared["windows"], compared["detector_windows"]
     section.notes.append(
         f"Both methods cut the scan into the same grid of {windows} windows at overlap 0.25. The one-stage U-Net "
-        f"runs on all of them ({one_stage / windows * 1000:.0f} ms per window, reading and writing included); the "
+        f"runs on all of them ({one_stage / windows * 1000:.0f} ms per window, reading and writing included). The "
         f"detector runs only on the {gated} ({gated / windows:.0%}) whose brightest voxel reaches "
         f"`predict.bone_hu` = {compared['bone_hu']:g} HU ({detector / max(gated, 1) * 1000:.0f} ms per window, "
         "reading, the bone test over every window, box merging and crops included). A window without bone "

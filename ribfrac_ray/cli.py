@@ -212,21 +212,17 @@ def run_command(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
-# Output folders that each command names at the end of its summary.
-OUTPUT_FOLDERS = {
-    "preprocess": [("patches", "preprocess.out_dir")],
-    "train": [("models", "models")],
-    "predict": [("predictions", "predict.out_dir")],
-    "evaluate": [("metrics.json and froc.png", "evaluate.out_dir")],
-    "demo": [("predictions", "predict.out_dir"), ("evaluation", "evaluate.out_dir")],
-}
-
-
-def _output_folder(config: PipelineConfig, key: str) -> str:
-    if key == "models":
-        return str(Path(config.workdir) / MODELS_FOLDER)
-    section, name = key.split(".")
-    return str(getattr(getattr(config, section), name))
+def _output_folders(command: str, config: PipelineConfig) -> list[tuple[str, str]]:
+    """Return (label, folder) pairs that ``command`` names at the end of its summary."""
+    predictions = ("predictions", config.predict.out_dir)
+    folders = {
+        "preprocess": [("patches", config.preprocess.out_dir)],
+        "train": [("models", str(Path(config.workdir) / MODELS_FOLDER))],
+        "predict": [predictions],
+        "evaluate": [("metrics.json and froc.png", config.evaluate.out_dir)],
+        "demo": [predictions, ("evaluation", config.evaluate.out_dir)],
+    }
+    return folders.get(command, [])
 
 
 def _print_summary(results: list[Any], config: PipelineConfig, uri: str, command: str) -> None:
@@ -243,8 +239,8 @@ def _print_summary(results: list[Any], config: PipelineConfig, uri: str, command
             where = "" if failure["path"] in failure["reason"] else f"{failure['path']}: "
             print(f"  {failure['public_id']}: {where}{failure['reason']}")
     print()
-    for label, key in OUTPUT_FOLDERS.get(command, []):
-        print(f"{label}: {_output_folder(config, key)}")
+    for label, folder in _output_folders(command, config):
+        print(f"{label}: {folder}")
     if command == "preprocess" and failures:
         print(f"failures listed in: {Path(config.preprocess.out_dir) / 'failures.csv'}")
     print(f"MLflow store: {uri}  (browse with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")

@@ -469,7 +469,7 @@ def check_values(config: PipelineConfig) -> None:
             raise ConfigError(f"{section}.lr must be above 0, got {train.lr:g}")
 
     if not 0.0 <= config.predict.overlap < 1.0:
-        raise ConfigError(f"predict.overlap must lie in [0, 1), got {config.predict.overlap:g}; 0.25 is the default")
+        raise ConfigError(f"predict.overlap must lie in [0, 1), got {config.predict.overlap:g}. The default is 0.25")
 
 
 def save_config(config: Any, path: str | Path) -> None:
