@@ -68,6 +68,8 @@ def test_relative_paths_resolve_under_workdir(tmp_path):
         ("train_detector.lr=0", "train_detector.lr must be above 0"),
         ("preprocess.det_patch_size=[0, 64, 64]", "preprocess.det_patch_size must be at least 1 voxel"),
         ("predict.overlap=1.0", "predict.overlap must lie in [0, 1)"),
+        ("predict.confidence=mean", "predict.confidence must be one of detector, detector_x_segmenter"),
+        ("detector.norm=layer", "detector.norm must be one of batch, group"),
     ],
 )
 def test_out_of_range_value_is_rejected(pair, message):

@@ -1,6 +1,7 @@
 """Merging detections across overlapping patches and stitching crop probabilities."""
 
 import numpy as np
+import pytest
 
 from ribfrac_ray.prediction.merge import InstanceStitcher, merge_patch_detections
 
@@ -60,3 +61,26 @@ def test_stitcher_drops_small_components():
     labels, instances = stitcher.instances(threshold=0.5, min_voxels=2)
     assert instances == []
     assert not labels.any()
+
+
+def test_stitcher_weights_confidence_by_segmenter():
+    stitcher = InstanceStitcher((40, 40, 40))
+    confident = np.zeros((8, 8, 8), np.float32)
+    confident[2:6, 2:6, 2:6] = 1.0
+    doubtful = np.zeros((8, 8, 8), np.float32)
+    doubtful[2:6, 2:6, 2:6] = 0.6
+    stitcher.add(np.array([0, 0, 0]), doubtful, score=0.8, threshold=0.5)
+    stitcher.add(np.array([20, 20, 20]), confident, score=0.6, threshold=0.5)
+
+    labels, instances = stitcher.instances(threshold=0.5, min_voxels=2, confidence="detector_x_segmenter")
+
+    # 0.8 x 0.6 = 0.48 ranks below 0.6 x 1.0, so the confident instance becomes label 1.
+    assert [round(c, 2) for _, c in instances] == [0.6, 0.48]
+    assert (labels[22:26, 22:26, 22:26] == 1).all()
+    assert (labels[2:6, 2:6, 2:6] == 2).all()
+
+
+def test_stitcher_rejects_unknown_confidence():
+    stitcher = InstanceStitcher((10, 10, 10))
+    with pytest.raises(ValueError, match="detector_x_segmenter"):
+        stitcher.instances(threshold=0.5, min_voxels=2, confidence="mean")

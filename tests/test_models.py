@@ -140,6 +140,53 @@ def test_feature_strides_default():
     assert feature_strides(DetectorConfig()) == [4, 8, 16]
 
 
+def test_feature_strides_without_max_pool():
+    config = DetectorConfig(conv1_stride=2, max_pool=False, returned_layers=(2, 3))
+    assert feature_strides(config) == [4, 8, 16]
+    assert feature_strides(DetectorConfig(conv1_stride=4, max_pool=False)) == [4, 8, 16]
+
+
+def test_build_detector_rejects_norm():
+    with pytest.raises(ValueError, match="detector.norm"):
+        build_detector(DetectorConfig(norm="layer"), ANCHORS, PATCH)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_detector_backbone_norms(norm):
+    detector = build_detector(DetectorConfig(norm=norm), ANCHORS, PATCH)
+    images, boxes = cube_batch()
+    loss, values = detector_loss(detector, images, boxes)
+    loss.backward()
+    assert math.isfinite(values["loss"])
+
+
+def _matched_indices(ignore: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the matched box index per anchor of the default detector on the cube patch, and the anchors."""
+    detector = build_detector(DetectorConfig(ignore_centers_in_boxes=ignore), ANCHORS, PATCH)
+    images, boxes = cube_batch()
+    head = detector.network(images[:1])
+    anchors = detector.anchor_generator(images[:1], head[detector.cls_key])
+    locations = [int(level.shape[2:].numel()) for level in head[detector.cls_key]]
+    targets = [{"boxes": torch.as_tensor(boxes[0]), "labels": torch.zeros(1, dtype=torch.long)}]
+    return detector.compute_anchor_matched_idxs(anchors, targets, locations)[0], anchors[0]
+
+
+def test_unmatched_anchors_inside_a_box_are_ignored():
+    plain, anchors = _matched_indices(ignore=False)
+    ignoring, _ = _matched_indices(ignore=True)
+
+    centers = (anchors[:, :3] + anchors[:, 3:]) / 2
+    box = torch.tensor(CUBE_BOX)
+    inside = ((centers >= box[:3]) & (centers < box[3:])).all(dim=1)
+    # The positives stay, the other anchors centred in the box leave the loss, and
+    # every anchor outside the box keeps its label.
+    assert torch.equal(ignoring >= 0, plain >= 0)
+    assert int((plain >= 0).sum()) > 0
+    assert bool((ignoring[inside & (plain < 0)] == -2).all())
+    assert int((inside & (plain < 0)).sum()) > 0
+    assert torch.equal(ignoring[~inside], plain[~inside])
+
+
 def test_build_detector_rejects_patch_size():
     with pytest.raises(ValueError, match="divisible by 16"):
         build_detector(DetectorConfig(), ANCHORS, (64, 64, 40))

@@ -61,12 +61,11 @@ from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
 from monai.networks.nets import resnet
 from torch import Tensor, nn
 
-from ribfrac_ray.config import DetectorConfig
+from ribfrac_ray.config import BACKBONE_NORMS, DetectorConfig
 
 SPATIAL_DIMS = 3
 NUM_CLASSES = 1
 FRACTURE_LABEL = 0
-CONV1_KERNEL_SIZE = 7
 # Channels per GroupNorm group in MONAI's RetinaNet heads, which use 8 groups.
 HEAD_NORM_GROUPS = 8
 MATCHERS = ("atss", "iou")
@@ -75,13 +74,61 @@ MATCHERS = ("atss", "iou")
 TOPK_CANDIDATES_PER_LEVEL = 1000
 # Hard negatives are drawn at random from the pool_size * n highest-scoring negatives (MONAI's default).
 HARD_NEGATIVE_POOL_SIZE = 10
+# MONAI's matched index for anchors left out of the classification loss (Matcher.BETWEEN_THRESHOLDS).
+IGNORED_ANCHOR = -2
 # SmoothL1 on encoded box offsets, with the beta of RetinaNet and MONAI's default.
 BOX_LOSS_BETA = 1.0 / 9.0
 
 
+class FractureDetector(RetinaNetDetector):
+    """MONAI's RetinaNet detector with an optional ignore zone around each box.
+
+    MONAI's matchers leave every anchor that is not matched to a box as a negative.
+    Near a small 3D box that includes anchors centred inside it that ATSS did not
+    pick: one grid cell off the matched anchor, a 9-voxel box has a box IoU of about
+    0.3 with it. As negatives they ask the classifier to fire at exactly the matched
+    cells and not their neighbours on the same fracture, and the hard-negative sampler
+    prefers them because they score high. With ``ignore_centers_in_boxes`` such
+    anchors are left out of the classification loss instead. The validation rule in
+    :mod:`ribfrac_ray.training.validation` also counts a box centred inside a
+    fracture as a hit.
+    """
+
+    ignore_centers_in_boxes: bool = False
+
+    def compute_anchor_matched_idxs(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]], num_anchor_locs_per_level: Sequence[int]
+    ) -> list[Tensor]:
+        matched = super().compute_anchor_matched_idxs(anchors, targets, num_anchor_locs_per_level)
+        if not self.ignore_centers_in_boxes:
+            return matched
+        return [
+            _ignore_centers_in_boxes(matched_per_image, anchors_per_image, target[self.target_box_key])
+            for matched_per_image, anchors_per_image, target in zip(matched, anchors, targets)
+        ]
+
+
+def _ignore_centers_in_boxes(matched: Tensor, anchors: Tensor, boxes: Tensor) -> Tensor:
+    """Mark unmatched anchors (index < 0) whose centre lies inside a box as ignored (-2).
+
+    ``anchors`` (N, 6) and ``boxes`` (M, 6) are ``[xmin, ymin, zmin, xmax, ymax, zmax]`` in voxels.
+    """
+    if boxes.numel() == 0:
+        return matched
+    boxes = boxes.to(anchors.device, anchors.dtype)
+    centers = (anchors[:, :SPATIAL_DIMS] + anchors[:, SPATIAL_DIMS:]) / 2
+    inside = (
+        (centers[:, None, :] >= boxes[None, :, :SPATIAL_DIMS]) & (centers[:, None, :] < boxes[None, :, SPATIAL_DIMS:])
+    ).all(dim=2).any(dim=1)
+    ignored = matched.clone()
+    ignored[(matched < 0) & inside] = IGNORED_ANCHOR
+    return ignored
+
+
 def feature_strides(config: DetectorConfig) -> list[int]:
     """Return the stride in voxels of every FPN level, finest first (returned layers, then the pooled level)."""
-    strides = [config.conv1_stride * 2**layer for layer in config.returned_layers]
+    first_layer_stride = config.conv1_stride * (2 if config.max_pool else 1)
+    strides = [first_layer_stride * 2 ** (layer - 1) for layer in config.returned_layers]
     return strides + [2 * strides[-1]]
 
 
@@ -119,7 +166,8 @@ def build_detector(
         feature_map_scales=[stride / strides[0] for stride in strides],
         base_anchor_shapes=[[float(value) for value in shape] for shape in anchor_shapes],
     )
-    detector = RetinaNetDetector(network, anchor_generator)
+    detector = FractureDetector(network, anchor_generator)
+    detector.ignore_centers_in_boxes = config.ignore_centers_in_boxes
 
     # The classification head has one logit per anchor and MONAI's targets are one-hot over
     # the foreground classes only, without a background channel. Only a sigmoid focal loss
@@ -167,9 +215,11 @@ def _build_feature_extractor(config: DetectorConfig) -> BackboneWithFPN:
         block_inplanes=list(config.block_inplanes),
         spatial_dims=SPATIAL_DIMS,
         n_input_channels=1,
-        conv1_t_size=CONV1_KERNEL_SIZE,
+        conv1_t_size=config.conv1_kernel,
         conv1_t_stride=config.conv1_stride,
+        no_max_pool=not config.max_pool,
         feed_forward=False,
+        norm=_backbone_norm(config.norm),
     )
     return_layers = {f"layer{layer}": str(index) for index, layer in enumerate(config.returned_layers)}
     in_channels_list = [
@@ -183,6 +233,12 @@ def _build_feature_extractor(config: DetectorConfig) -> BackboneWithFPN:
         out_channels=config.fpn_channels,
         spatial_dims=SPATIAL_DIMS,
     )
+
+
+def _backbone_norm(name: str) -> str | tuple[str, dict[str, Any]]:
+    if name == "group":
+        return ("group", {"num_groups": HEAD_NORM_GROUPS})
+    return name
 
 
 def _set_matcher(detector: RetinaNetDetector, config: DetectorConfig) -> None:
@@ -214,6 +270,12 @@ def _check_config(config: DetectorConfig) -> None:
         raise ValueError(
             f"detector.fpn_channels must be a positive multiple of {HEAD_NORM_GROUPS} "
             f"(the heads' GroupNorm groups), got {config.fpn_channels}"
+        )
+    if config.norm not in BACKBONE_NORMS:
+        raise ValueError(f"detector.norm must be one of {', '.join(BACKBONE_NORMS)}, got {config.norm!r}")
+    if config.norm == "group" and any(width % HEAD_NORM_GROUPS for width in config.block_inplanes):
+        raise ValueError(
+            f"detector.norm 'group' needs block_inplanes divisible by {HEAD_NORM_GROUPS}, got {list(config.block_inplanes)}"
         )
     if config.matcher not in MATCHERS:
         raise ValueError(f"detector.matcher must be one of {', '.join(MATCHERS)}, got {config.matcher!r}")

@@ -186,7 +186,7 @@ class SegmenterActor:
         for probability, origin, score in zip(self.probabilities(crops), origins, scores):
             stitcher.add(origin, probability, float(score), self.config.seg_threshold)
 
-        labels, instances = stitcher.instances(self.config.seg_threshold, self.config.min_voxels)
+        labels, instances = stitcher.instances(self.config.seg_threshold, self.config.min_voxels, self.config.confidence)
         rows = submission_rows(public_id, instances)
         save_like(labels, geometry, f"{self.out_dir}/{public_id}.nii.gz", dtype=np.uint8)
         write_record(self.out_dir, public_id, rows, {"detector": str(row["node_id"]), "segmenter": current_node_id()})

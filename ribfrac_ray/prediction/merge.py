@@ -12,6 +12,8 @@ import torch
 from monai.data.box_utils import non_max_suppression
 from scipy import ndimage
 
+from ribfrac_ray.config import CONFIDENCE_MODES
+
 # The RibFrac format stores instance ids in uint8 volumes.
 MAX_INSTANCES = 255
 
@@ -75,12 +77,20 @@ class InstanceStitcher:
         scaled = np.uint8(round(float(np.clip(score, 0, 1)) * 255))
         np.maximum(owned, np.where(crop >= threshold * 255, scaled, 0).astype(np.uint8), out=owned)
 
-    def instances(self, threshold: float, min_voxels: int) -> tuple[np.ndarray, list[tuple[int, float]]]:
+    def instances(
+        self, threshold: float, min_voxels: int, confidence: str = "detector"
+    ) -> tuple[np.ndarray, list[tuple[int, float]]]:
         """Threshold, label connected components (26-connectivity), drop small ones.
+
+        ``confidence`` is "detector" (the highest box score among the crops that
+        reach the instance) or "detector_x_segmenter" (that score times the mean
+        foreground probability over the instance's voxels).
 
         Returns the uint8 instance volume (ids 1..n, at most 255, ordered by
         confidence) and ``[(label_id, confidence in [0, 1]), ...]``.
         """
+        if confidence not in CONFIDENCE_MODES:
+            raise ValueError(f"invalid confidence {confidence!r}; use one of {', '.join(CONFIDENCE_MODES)}")
         level = np.uint8(min(255, round(threshold * 255)))
         # Label only the box around the foreground, and reduce over foreground voxels
         # alone. Over the whole volume, np.bincount and ndimage.maximum would make
@@ -95,18 +105,23 @@ class InstanceStitcher:
         count = int(components.max())
         component_of_voxel = components[foreground]
         scores = self.score[window][foreground]
-        del foreground
         sizes = np.bincount(component_of_voxel, minlength=count + 1)[1:]
         best_score = np.zeros(count + 1, np.uint8)
         np.maximum.at(best_score, component_of_voxel, scores)
-        confidence = best_score[1:] / 255.0
-        large = [i for i in np.argsort(-confidence, kind="stable") if sizes[i] >= min_voxels][:MAX_INSTANCES]
+        scores_of_instances = best_score[1:] / 255.0
+        if confidence == "detector_x_segmenter":
+            probability_sums = np.bincount(
+                component_of_voxel, weights=self.probability[window][foreground], minlength=count + 1
+            )[1:]
+            scores_of_instances = scores_of_instances * probability_sums / (255.0 * np.maximum(sizes, 1))
+        del foreground
+        large = [i for i in np.argsort(-scores_of_instances, kind="stable") if sizes[i] >= min_voxels][:MAX_INSTANCES]
 
         lookup = np.zeros(count + 1, np.uint8)
         records = []
         for new_id, position in enumerate(large, start=1):
             lookup[position + 1] = new_id
-            records.append((new_id, float(confidence[position])))
+            records.append((new_id, float(scores_of_instances[position])))
         # The uint32 components are the largest array here, so they go before the output is allocated.
         labels_in_window = lookup[components]
         del components

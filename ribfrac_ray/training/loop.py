@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import ray
@@ -68,7 +69,13 @@ def run_training(config: dict[str, Any], spec: NetworkSpec) -> None:
     model, eval_model = spec.wrap_ddp(model)
     worker_nodes = _worker_node_ids()
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_batches = ShardBatches(
+        ray.train.get_dataset_shard("train"),
+        batch_size=int(config["batch_size"]),
+        shuffle_buffer=int(config["shuffle_buffer"]),
+        limit_mb=float(config.get("worker_cache_mb", 0)),
+        seed=int(config["seed"]) + rank,
+    )
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 else None
 
     for epoch in range(start_epoch, int(config["epochs"])):
@@ -76,7 +83,7 @@ def run_training(config: dict[str, Any], spec: NetworkSpec) -> None:
         lr = epoch_learning_rate(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_metrics = _train_epoch(model, spec, train_shard, optimizer, config)
+        train_metrics = _train_epoch(model, spec, train_batches.epoch(epoch), optimizer, config)
         # start_epoch is above 0 when this attempt resumed from a checkpoint.
         metrics = {"epoch": epoch, "start_epoch": start_epoch, "lr": lr, **train_metrics}
         if rank == 0:
@@ -145,18 +152,75 @@ def _restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     return next_epoch, list(meta.get("history", []))
 
 
-def _train_epoch(model: Any, spec: NetworkSpec, shard: Any, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> dict[str, float]:
+class ShardBatches:
+    """Training batches of one worker's shard, held in memory after the first epoch when small.
+
+    Each pass over a Ray Data shard starts a new streaming execution, a fixed cost of
+    about 0.4 s per epoch on 2 CPUs that weighs heavily on epochs of a few seconds.
+    The first epoch streams the shard (with Ray Data's local shuffle) and keeps its
+    batches. When they add up to at most ``limit_mb``, later epochs shuffle those
+    rows in memory with a new permutation and do not read the shard again. A larger
+    shard streams every epoch. The rows a worker keeps are the ones its first epoch
+    received, so with several workers each reshuffles its own share. Every worker of
+    ``streaming_split(equal=True)`` receives the same number of rows, so the ranks
+    still take the same number of steps per epoch.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int, limit_mb: float, seed: int) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.limit_bytes = limit_mb * 2**20
+        self.seed = seed
+        self.columns: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the batches of one epoch (dicts of tensors with a leading batch axis)."""
+        if self.columns is not None:
+            yield from self._from_memory(epoch)
+            return
+
+        cached: list[dict[str, torch.Tensor]] | None = [] if self.limit_bytes > 0 else None
+        cached_bytes = 0
+        for batch in self.shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+            drop_last=False,
+        ):
+            if cached is not None:
+                cached_bytes += sum(value.numel() * value.element_size() for value in batch.values())
+                if cached_bytes <= self.limit_bytes:
+                    cached.append(batch)
+                else:
+                    cached = None
+            yield batch
+        if cached:
+            self.columns = {name: torch.cat([batch[name] for batch in cached]) for name in cached[0]}
+            logger.info("holding %d training rows (%.0f MiB) in memory for the next epochs", self._rows(), cached_bytes / 2**20)
+
+    def _rows(self) -> int:
+        assert self.columns is not None
+        return len(next(iter(self.columns.values())))
+
+    def _from_memory(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        assert self.columns is not None
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self._rows(), generator=generator)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield {name: values[rows] for name, values in self.columns.items()}
+
+
+def _train_epoch(
+    model: Any,
+    spec: NetworkSpec,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+) -> dict[str, float]:
     model.train()
     totals: dict[str, float] = {}
     steps = 0
-    # NOTE: every epoch starts a new Ray Data execution of the shard, measured at about
-    # 0.4 s per epoch on 2 CPUs. That is 16% of a 2.3 s segmenter epoch in the benchmark
-    # but well under 1% of an epoch over a full RibFrac training set.
-    batches = shard.iter_torch_batches(
-        batch_size=int(config["batch_size"]),
-        local_shuffle_buffer_size=int(config["shuffle_buffer"]) or None,
-        drop_last=False,
-    )
     loss_function = spec.make_loss(config)
     augment = bool(config.get("augment", True))
     for batch in batches:
