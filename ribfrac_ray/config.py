@@ -96,7 +96,7 @@ class DetectorConfig:
     conv1_kernel: int = 7
     # NOTE: on the demo phantoms, conv1_stride 4 without max pooling trained 5 times
     # faster per step but did not generalise to the validation scans in 2400 steps.
-    # The likely cause is that a stride-4 convolution sees a 2 to 3 voxel fracture
+    # The likely cause is that a stride-4 convolution samples a 2 to 3 voxel fracture
     # gap at one phase of its grid only, while max pooling after a stride-2 one keeps it.
     max_pool: bool = True
     # Normalisation in the ResNet backbone: "batch" or "group" (8 groups per layer).
@@ -186,7 +186,7 @@ class TrainConfig:
     seed: int = 0
 
 
-# How prediction scores each instance; see PredictConfig.confidence.
+# Instance confidence modes of prediction; see PredictConfig.confidence.
 CONFIDENCE_MODES = ("detector", "detector_x_segmenter")
 
 

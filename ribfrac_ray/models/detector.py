@@ -83,12 +83,12 @@ BOX_LOSS_BETA = 1.0 / 9.0
 class FractureDetector(RetinaNetDetector):
     """MONAI's RetinaNet detector with an optional ignore zone around each box.
 
-    MONAI's matchers leave every anchor that is not matched to a box as a negative.
-    Near a small 3D box that includes anchors centred inside it that ATSS did not
-    pick: one grid cell off the matched anchor, a 9-voxel box has a box IoU of about
-    0.3 with it. As negatives they ask the classifier to fire at exactly the matched
-    cells and not their neighbours on the same fracture, and the hard-negative sampler
-    prefers them because they score high. With ``ignore_centers_in_boxes`` such
+    MONAI's matchers treat every anchor that is not matched to a box as a negative,
+    including anchors centred inside a small 3D box that ATSS did not pick. An anchor
+    of a 9-voxel box's size, one 4-voxel grid cell off along one axis, still has an
+    IoU of 0.38 with the box. As negatives such anchors ask the classifier to fire at
+    exactly the matched cells and not at their neighbours on the same fracture, and
+    the hard-negative sampler prefers them because they score high. With ``ignore_centers_in_boxes`` such
     anchors are left out of the classification loss instead. The validation rule in
     :mod:`ribfrac_ray.training.validation` also counts a box centred inside a
     fracture as a hit.
