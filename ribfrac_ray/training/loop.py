@@ -14,10 +14,11 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import ray
 import torch
 
@@ -204,8 +205,7 @@ class ShardBatches:
 
     def _from_memory(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         assert self.columns is not None
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self._rows(), generator=generator)
+        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(self._rows()))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             yield {name: values[rows] for name, values in self.columns.items()}
